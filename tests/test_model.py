@@ -1,0 +1,258 @@
+"""The HyperNetwork over the table of downstream modules, for every head."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from downstreams import CASES, IDS, Case
+from torch import nn
+from torch.func import functional_call
+
+from torchhyper import HyperNetwork
+
+CONTEXT_DIM = 5
+HEADS = ["dense", "chunked", "lowrank"]
+
+
+def context(batch: int = 8, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(batch, CONTEXT_DIM, dtype=dtype)
+
+
+def run(case: Case, module: nn.Module, params: dict, inputs: tuple) -> torch.Tensor:
+    return case.output(functional_call(module, params, inputs))
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_keys_shapes_gradients_untouched(case: Case, head: str):
+    module = case.build().eval()
+    before = copy.deepcopy(module.state_dict())
+    hyper = HyperNetwork(CONTEXT_DIM, [16, 12], module, head=head)
+
+    params = hyper(context())
+    expected = [(n, p.shape) for n, p in module.named_parameters()]
+    assert [(n, p.shape) for n, p in params.items()] == expected
+
+    inputs = case.inputs()
+    y = run(case, module, params, inputs)
+    assert y.shape == case.output(module(*inputs)).shape
+    y.square().sum().backward()
+    missing = [n for n, p in hyper.named_parameters() if p.grad is None or not p.grad.isfinite().all()]
+    assert not missing, f"no finite gradient reached {missing}"
+    assert any(p.grad.abs().sum() > 0 for p in hyper.parameters())
+
+    # Nothing of the downstream is registered in the hypernetwork, and the module is untouched.
+    own = {id(p) for p in module.parameters()}
+    assert not any(id(p) in own for p in hyper.parameters())
+    assert not any(k.startswith(tuple(n for n, _ in expected)) for k in hyper.state_dict())
+    after = module.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_reference_downstream_init(case: Case, head: str):
+    """With init="downstream", the generated weights are the module's own: outputs match."""
+    module = case.build().eval()
+    hyper = HyperNetwork(CONTEXT_DIM, [16], module, head=head, init="downstream")
+    params = hyper(context())
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(params[name], p.detach(), rtol=0, atol=1e-6)
+    inputs = case.inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(run(case, module, params, inputs), case.output(module(*inputs)))
+
+
+def _reference_stats(case: Case, draws: int = 64) -> dict[str, tuple[float, float, bool]]:
+    """Mean, std and constancy of each parameter over fresh constructions of the module."""
+    values: dict[str, list[torch.Tensor]] = {}
+    for seed in range(draws):
+        torch.manual_seed(1000 + seed)
+        for n, p in case.build().named_parameters():
+            values.setdefault(n, []).append(p.detach().flatten())
+    stats = {}
+    for n, v in values.items():
+        v = torch.cat(v).double()
+        constant = bool((v - v[0]).abs().max() <= 1e-7 * (1 + v[0].abs()))
+        stats[n] = (v.mean().item(), v.std().item() if v.numel() > 1 else 0.0, constant)
+    return stats
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("case", [c for c in CASES if c.name != "unet"], ids=[i for i in IDS if i != "unet"])
+def test_init_std_matches_pytorch(case: Case, head: str):
+    reference = _reference_stats(case)
+    generated: dict[str, list[torch.Tensor]] = {}
+    module = case.build()
+    for seed in range(16):
+        torch.manual_seed(seed)
+        hyper = HyperNetwork(CONTEXT_DIM, [16, 12], module, head=head)
+        with torch.no_grad():
+            for n, v in hyper(context()).items():
+                generated.setdefault(n, []).append(v.flatten())
+    failures = []
+    for n, (mean, std, constant) in reference.items():
+        got = torch.cat(generated[n]).double()
+        if constant:
+            if (got - mean).abs().max() > 1e-6:
+                failures.append(f"{n}: constant {mean}, got values spread {got.std():.3g}")
+        else:
+            ratio = got.std().item() / std
+            if not 0.8 <= ratio <= 1.2:
+                failures.append(f"{n}: std {got.std():.4g} vs PyTorch's {std:.4g} (ratio {ratio:.3f})")
+    assert not failures, failures
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("linear", "batchnorm", "lstm", "unet")],
+                         ids=lambda c: c.name)
+def test_dtype_and_state_dict_round_trip(case: Case):
+    module = case.build().eval().double()
+    hyper = HyperNetwork(CONTEXT_DIM, [16], module).double()
+    c = context(dtype=torch.float64)
+    params = hyper(c)
+    assert all(v.dtype == torch.float64 for v in params.values())
+    inputs = tuple(t.double() if t.is_floating_point() else t for t in case.inputs())
+    assert run(case, module, params, inputs).dtype == torch.float64
+
+    buffer = io.BytesIO()
+    torch.save(hyper.state_dict(), buffer)
+    buffer.seek(0)
+    torch.manual_seed(123)
+    other = HyperNetwork(CONTEXT_DIM, [16], module).double()
+    assert list(other.state_dict()) == list(hyper.state_dict())
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    for name, value in other(c).items():
+        torch.testing.assert_close(value, params[name], rtol=0, atol=0)
+
+
+def test_state_dict_keys_are_named():
+    hyper = HyperNetwork(3, [8, 8], nn.Linear(2, 2), head="chunked")
+    assert list(hyper.state_dict()) == [
+        "gain", "scale", "offset", "counts",
+        "encoder.0.weight", "encoder.0.bias", "encoder.2.weight", "encoder.2.bias",
+        "head.embeddings", "head.weight", "head.bias", "head.mix.weight", "head.mix.bias",
+    ]
+
+
+def test_gradients_match_explicit_functional():
+    """Gradients through functional_call equal those of a hand-written F re-implementation."""
+    module = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    hyper = HyperNetwork(4, [16], module, head="dense")
+    x = torch.randn(10, 4)
+
+    def loss_via(call):
+        hyper.zero_grad()
+        p = hyper(x)
+        call(p).square().mean().backward()
+        return {n: q.grad.clone() for n, q in hyper.named_parameters()}
+
+    via_call = loss_via(lambda p: functional_call(module, p, x))
+    via_f = loss_via(lambda p: nn.functional.linear(
+        torch.tanh(nn.functional.linear(x, p["0.weight"], p["0.bias"])), p["2.weight"], p["2.bias"]))
+    for n in via_call:
+        torch.testing.assert_close(via_call[n], via_f[n])
+
+
+def test_tied_weights_one_key_retied():
+    module = CASES[IDS.index("tied")].build()
+    params = HyperNetwork(CONTEXT_DIM, [8], module)(context())
+    assert "out.weight" not in params and "embed.weight" in params
+    ids = torch.randint(0, 20, (2, 3))
+    # Tied through functional_call: the output layer uses the generated embedding.
+    y = functional_call(module, params, ids)
+    h = torch.tanh(nn.functional.linear(params["embed.weight"][ids], params["hidden.weight"], params["hidden.bias"]))
+    torch.testing.assert_close(y, h @ params["embed.weight"].T)
+
+
+def test_include_exclude():
+    module = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    hyper = HyperNetwork(4, [8], module, include="2.*")
+    assert list(hyper(torch.randn(3, 4))) == ["2.weight", "2.bias"]
+    hyper = HyperNetwork(4, [8], module, exclude=["*.bias"])
+    assert list(hyper(torch.randn(3, 4))) == ["0.weight", "2.weight"]
+    with pytest.raises(ValueError, match=r"pattern\(s\) \['decoder\.\*'\] match no parameter.*0\.weight"):
+        HyperNetwork(4, [8], module, include="decoder.*")
+    with pytest.raises(ValueError, match="leave no parameter"):
+        HyperNetwork(4, [8], module, exclude="*")
+    with pytest.raises(TypeError, match="include must be a glob"):
+        HyperNetwork(4, [8], module, include=3)
+
+
+def test_unselected_parameters_keep_module_values():
+    module = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    hyper = HyperNetwork(4, [8], module, include="0.*")
+    x = torch.randn(3, 4)
+    p = hyper(x)
+    expected = module[2](torch.relu(nn.functional.linear(x, p["0.weight"], p["0.bias"])))
+    torch.testing.assert_close(functional_call(module, p, x), expected)
+
+
+def test_lazy_module_error():
+    with pytest.raises(ValueError, match=r"uninitialized lazy parameters \['weight', 'bias'\]: run one forward"):
+        HyperNetwork(4, [8], nn.LazyLinear(3))
+
+
+@pytest.mark.parametrize(
+    ("x", "error", "message"),
+    [
+        (torch.randn(4, 7), ValueError, r"prod\(\*\) == input_dim == 6, got shape \(4, 7\) \(7 features"),
+        (torch.randn(0, 6), ValueError, r"non-empty batch .* got shape \(0, 6\)"),
+        (torch.ones(4, 6, dtype=torch.long), TypeError, "floating-point tensor, got dtype torch.int64"),
+        (torch.randn(4, 6, dtype=torch.float64), TypeError, "dtype torch.float64 but the hypernetwork has dtype torch.float32"),
+        ([[1.0] * 6], TypeError, "x must be a torch.Tensor, got list"),
+        (torch.randn(4, 6, device="meta"), ValueError, "on device meta but the hypernetwork is on cpu"),
+    ],
+)
+def test_input_validation(x, error, message):
+    hyper = HyperNetwork(6, [8], nn.Linear(2, 2))
+    with pytest.raises(error, match=message):
+        hyper(x)
+
+
+def test_input_shapes_flatten():
+    hyper = HyperNetwork(12, [8], nn.Linear(2, 2))
+    assert hyper(torch.randn(5, 3, 4))["weight"].shape == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"input_dim": 0}, ValueError, "input_dim must be a positive int, got 0"),
+        ({"hidden_sizes": []}, ValueError, r"hidden_sizes must be a non-empty list of positive ints, got \[\]"),
+        ({"hidden_sizes": [8, -1]}, ValueError, r"got \[8, -1\]"),
+        ({"downstream": "net"}, TypeError, "downstream must be a torch.nn.Module, got str"),
+        ({"head": "huge"}, ValueError, r"head must be one of \['auto', 'chunked', 'dense', 'lowrank'\]"),
+        ({"init": "zeros"}, ValueError, "init must be 'default' or 'downstream', got 'zeros'"),
+        ({"downstream": nn.ReLU()}, ValueError, "ReLU has no parameters"),
+    ],
+)
+def test_constructor_validation(kwargs, error, message):
+    args = {"input_dim": 4, "hidden_sizes": [8], "downstream": nn.Linear(2, 2)} | kwargs
+    with pytest.raises(error, match=message):
+        HyperNetwork(args.pop("input_dim"), args.pop("hidden_sizes"), args.pop("downstream"), **args)
+
+
+def test_batchnorm_buffers_stay_with_module():
+    module = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)).train()
+    hyper = HyperNetwork(4, [8], module)
+    assert not any("running" in k for k in hyper.state_dict())
+    x = torch.randn(16, 4)
+    functional_call(module, hyper(x), x)
+    assert module[1].num_batches_tracked.item() == 1  # train mode updates the module's own buffers
+
+
+def test_seed_zip_loop():
+    """The seed README's loop copies values() into parameters() by position: the order holds."""
+    module = CASES[IDS.index("transformer_layer")].build().eval()
+    hyper = HyperNetwork(CONTEXT_DIM, [16], module)
+    params = hyper(context())
+    for p, w in zip(module.parameters(), params.values(), strict=True):
+        p.data = w.data
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), functional_call(module, params, x))
