@@ -256,3 +256,21 @@ def test_seed_zip_loop():
     x = torch.randn(2, 5, 8)
     with torch.no_grad():
         torch.testing.assert_close(module(x), functional_call(module, params, x))
+
+
+@pytest.mark.parametrize("pool", ["mean", "sum", "max"])
+def test_pooling_is_permutation_invariant(pool):
+    hyper = HyperNetwork(3, [8], nn.Linear(2, 2), pool=pool)
+    x = torch.randn(7, 3)
+    a, b = hyper(x), hyper(x[torch.randperm(7)])
+    for n in a:
+        torch.testing.assert_close(a[n], b[n])
+    assert hyper(torch.randn(2, 3))["weight"].shape == hyper(torch.randn(50, 3))["weight"].shape
+
+
+def test_pool_callable_and_errors():
+    hyper = HyperNetwork(3, [8], nn.Linear(2, 2), pool=lambda e: e[0])
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(hyper(x)["weight"], hyper(x[:1])["weight"])
+    with pytest.raises(ValueError, match=r"pool must be one of \['max', 'mean', 'sum'\] or a callable, got 'median'"):
+        HyperNetwork(3, [8], nn.Linear(2, 2), pool="median")

@@ -7,7 +7,7 @@ The generated parameters come as a plain dict keyed and ordered like
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, Union
 
 import torch
@@ -17,6 +17,21 @@ from torchhyper._spec import _describe, _lazy_names, _select
 from torchhyper.heads import HeadFactory, _make_head
 
 __all__ = ["HyperNetwork"]
+
+
+def _mean(e: Tensor) -> Tensor:
+    return e.mean(dim=0)
+
+
+def _sum(e: Tensor) -> Tensor:
+    return e.sum(dim=0)
+
+
+def _max(e: Tensor) -> Tensor:
+    return e.amax(dim=0)
+
+
+_POOLS: dict[str, Callable[[Tensor], Tensor]] = {"mean": _mean, "sum": _sum, "max": _max}
 
 
 class HyperNetwork(nn.Module):
@@ -53,6 +68,9 @@ class HyperNetwork(nn.Module):
             ``"chunked"``, ``"lowrank"``, or a callable ``(in_features, shapes) -> Head``.
         init: ``"default"`` starts at the scale of PyTorch's default init; ``"downstream"``
             starts exactly at the downstream's current values.
+        pool: How the per-example encodings ``(B, H)`` become one ``(H,)``: ``"mean"`` (the
+            original's), ``"sum"``, ``"max"``, or a callable (e.g. an ``nn.Module``, which is
+            registered and trained).
         activation: The encoder's activation module class.
 
     Example:
@@ -82,6 +100,7 @@ class HyperNetwork(nn.Module):
         exclude: str | list[str] | None = None,
         head: Union[str, HeadFactory] = "auto",
         init: Literal["default", "downstream"] = "default",
+        pool: Union[Literal["mean", "sum", "max"], Callable[[Tensor], Tensor]] = "mean",
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
@@ -94,6 +113,10 @@ class HyperNetwork(nn.Module):
             )
         if not isinstance(downstream, nn.Module):
             raise TypeError(f"downstream must be a torch.nn.Module, got {type(downstream).__name__}")
+        if isinstance(pool, str) and pool not in _POOLS:
+            raise ValueError(f"pool must be one of {sorted(_POOLS)} or a callable, got {pool!r}")
+        if not isinstance(pool, str) and not callable(pool):
+            raise TypeError(f"pool must be a name or a callable (B, H) -> (H,), got {pool!r}")
         if init not in ("default", "downstream"):
             raise ValueError(f"init must be 'default' or 'downstream', got {init!r}")
         lazy = _lazy_names(downstream)
@@ -121,6 +144,7 @@ class HyperNetwork(nn.Module):
             layers += [nn.Linear(n_in, n_out), activation()]
         self.encoder = nn.Sequential(*layers)
         # Gives the head an embedding of zero mean and unit variance, whatever the input scale.
+        self.pool = _POOLS[pool] if isinstance(pool, str) else pool
         self.norm = nn.LayerNorm(sizes[-1], elementwise_affine=False)
         self.head = _make_head(head, sizes[-1], self.shapes)
 
@@ -149,7 +173,7 @@ class HyperNetwork(nn.Module):
     def embed(self, x: Tensor) -> Tensor:
         r"""Encodes the set ``x`` of shape ``(B, *)`` into one embedding of shape ``(H,)``."""
         self._check_input(x)
-        return self.encoder(x.reshape(x.shape[0], -1)).mean(dim=0)
+        return self.pool(self.encoder(x.reshape(x.shape[0], -1)))
 
     def generate(self, z: Tensor) -> dict[str, Tensor]:
         r"""Maps embeddings ``(*, H)`` to parameters of shape ``(*, *shape)`` each."""
