@@ -274,3 +274,9 @@ def test_pool_callable_and_errors():
     torch.testing.assert_close(hyper(x)["weight"], hyper(x[:1])["weight"])
     with pytest.raises(ValueError, match=r"pool must be one of \['max', 'mean', 'sum'\] or a callable, got 'median'"):
         HyperNetwork(3, [8], nn.Linear(2, 2), pool="median")
+
+
+def test_follows_device_moves():
+    hyper = HyperNetwork(3, [8], nn.Linear(2, 2), head="chunked").to("meta")
+    params = hyper(torch.randn(4, 3, device="meta"))
+    assert all(v.device.type == "meta" for v in params.values())
