@@ -1,13 +1,21 @@
 r"""torchhyper: modular hypernetworks for any ``torch.nn.Module``."""
 
+from torchhyper.batched import per_sample_call, vmap_compatible
+from torchhyper.embedding import EmbeddingHyperNetwork, output_regularizer
 from torchhyper.functional import bind, load_params, materialize
 from torchhyper.heads import ChunkedHead, DenseHead, Head, LowRankHead
 from torchhyper.model import HyperNetwork
+from torchhyper.pooling import AttentionPool
 
 __version__ = "0.2.0"
 
 __all__ = [
     "HyperNetwork",
+    "EmbeddingHyperNetwork",
+    "AttentionPool",
+    "per_sample_call",
+    "vmap_compatible",
+    "output_regularizer",
     "Head",
     "DenseHead",
     "ChunkedHead",

@@ -2,44 +2,41 @@ r"""The hypernetwork: a module that generates the parameters of any downstream `
 
 The generated parameters come as a plain dict keyed and ordered like
 ``downstream.named_parameters()``, which is exactly what :func:`torch.func.functional_call` takes.
+
+Three ways to condition, one encoder and head:
+
+* :meth:`HyperNetwork.forward` (the seed's): one parameter set from a whole set ``(B, *)``;
+* :meth:`HyperNetwork.per_set`: one parameter set per set, from a batch of sets ``(S, B, *)``;
+* :meth:`HyperNetwork.per_sample`: one parameter set per example, ``(B, *shape)`` each, to apply
+  with :func:`torchhyper.per_sample_call`.
+
+What the hypernetwork reads need not be what the downstream reads: condition on a context ``c``
+(``params = hypernetwork(c)``) and run the downstream on other inputs
+(``functional_call(downstream, params, x)``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal, Union
 
-import torch
 from torch import Tensor, nn
 
-from torchhyper._spec import _describe, _lazy_names, _select
-from torchhyper.heads import HeadFactory, _make_head
+from torchhyper._generator import _Generator
+from torchhyper.heads import HeadFactory
+from torchhyper.pooling import POOLS, Pool, _make_pool, _pool_sets
 
 __all__ = ["HyperNetwork"]
 
 
-def _mean(e: Tensor) -> Tensor:
-    return e.mean(dim=0)
-
-
-def _sum(e: Tensor) -> Tensor:
-    return e.sum(dim=0)
-
-
-def _max(e: Tensor) -> Tensor:
-    return e.amax(dim=0)
-
-
-_POOLS: dict[str, Callable[[Tensor], Tensor]] = {"mean": _mean, "sum": _sum, "max": _max}
-
-
-class HyperNetwork(nn.Module):
+class HyperNetwork(_Generator):
     r"""Generates the parameters of ``downstream`` from a batch of inputs.
 
     By default the hypernetwork is set-conditioned, like the original torchhyper: an MLP with
-    ``hidden_sizes`` encodes each example of ``x``, the encodings are averaged over the batch, and
-    a head maps the result to one value per generated parameter entry.
+    ``hidden_sizes`` encodes each example of ``x``, the encodings are pooled over the batch
+    (averaged by default), and a head maps the result to one value per generated parameter entry.
+    :meth:`per_sample` skips the pooling and returns one parameter set per example instead.
 
     The downstream is not registered as a submodule: its tensors are in neither
     :meth:`parameters` nor :meth:`state_dict`, and it is never modified. Its buffers (e.g.
@@ -69,8 +66,9 @@ class HyperNetwork(nn.Module):
         init: ``"default"`` starts at the scale of PyTorch's default init; ``"downstream"``
             starts exactly at the downstream's current values.
         pool: How the per-example encodings ``(B, H)`` become one ``(H,)``: ``"mean"`` (the
-            original's), ``"sum"``, ``"max"``, or a callable (e.g. an ``nn.Module``, which is
-            registered and trained).
+            original's), ``"sum"``, ``"max"``, ``"attention"`` (a trained
+            :class:`~torchhyper.pooling.AttentionPool`), or a callable (e.g. an ``nn.Module``,
+            which is registered and trained). See :mod:`torchhyper.pooling`.
         activation: The encoder's activation module class.
 
     Example:
@@ -100,7 +98,7 @@ class HyperNetwork(nn.Module):
         exclude: str | list[str] | None = None,
         head: Union[str, HeadFactory] = "auto",
         init: Literal["default", "downstream"] = "default",
-        pool: Union[Literal["mean", "sum", "max"], Callable[[Tensor], Tensor]] = "mean",
+        pool: Union[Literal["mean", "sum", "max", "attention"], Pool] = "mean",
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
@@ -113,51 +111,15 @@ class HyperNetwork(nn.Module):
             )
         if not isinstance(downstream, nn.Module):
             raise TypeError(f"downstream must be a torch.nn.Module, got {type(downstream).__name__}")
-        if isinstance(pool, str) and pool not in _POOLS:
-            raise ValueError(f"pool must be one of {sorted(_POOLS)} or a callable, got {pool!r}")
-        if not isinstance(pool, str) and not callable(pool):
-            raise TypeError(f"pool must be a name or a callable (B, H) -> (H,), got {pool!r}")
-        if init not in ("default", "downstream"):
-            raise ValueError(f"init must be 'default' or 'downstream', got {init!r}")
-        lazy = _lazy_names(downstream)
-        if lazy:
-            raise ValueError(
-                f"the downstream has uninitialized lazy parameters {lazy}: run one forward "
-                "pass of the downstream on an example input before building the hypernetwork"
-            )
-        all_names = [n for n, _ in downstream.named_parameters()]
-        if not all_names:
-            raise ValueError(f"the downstream {type(downstream).__name__} has no parameters to generate")
-        names = _select(all_names, include, exclude)
-        specs = _describe(downstream, names)
-
         self.input_dim = input_dim
         self.hidden_sizes = sizes
-        self.init = init
-        self.names = names
-        self.shapes = [s.shape for s in specs]
-        self.numels = [s.numel for s in specs]
-        self.numel = sum(self.numels)
 
         layers: list[nn.Module] = []
         for n_in, n_out in zip([input_dim, *sizes[:-1]], sizes):
             layers += [nn.Linear(n_in, n_out), activation()]
         self.encoder = nn.Sequential(*layers)
-        # Gives the head an embedding of zero mean and unit variance, whatever the input scale.
-        self.pool = _POOLS[pool] if isinstance(pool, str) else pool
-        self.norm = nn.LayerNorm(sizes[-1], elementwise_affine=False)
-        self.head = _make_head(head, sizes[-1], self.shapes)
-
-        gain = [0.0 if s.constant or init == "downstream" else 1.0 for s in specs]
-        self.gain = nn.Parameter(torch.tensor(gain))
-        self.register_buffer("scale", torch.tensor([s.scale for s in specs]))
-        self.register_buffer("offset", torch.tensor([s.offset for s in specs]))
-        self.register_buffer("counts", torch.tensor(self.numels, dtype=torch.long))
-        base = None
-        if init == "downstream":
-            params = dict(downstream.named_parameters())
-            base = torch.cat([params[n].detach().float().flatten().cpu() for n in names])
-        self.register_buffer("base", base)
+        self.pool = _make_pool(pool, sizes[-1])
+        self._build(downstream, sizes[-1], include=include, exclude=exclude, head=head, init=init)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         r"""Generates one set of downstream parameters from the set ``x``.
@@ -172,34 +134,63 @@ class HyperNetwork(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         r"""Encodes the set ``x`` of shape ``(B, *)`` into one embedding of shape ``(H,)``."""
-        self._check_input(x)
+        self._check_input(x, sets=False)
         return self.pool(self.encoder(x.reshape(x.shape[0], -1)))
 
-    def generate(self, z: Tensor) -> dict[str, Tensor]:
-        r"""Maps embeddings ``(*, H)`` to parameters of shape ``(*, *shape)`` each."""
-        h = self.head(self.norm(z))
-        batch = h.shape[:-1]
-        coef = torch.repeat_interleave(self.scale * self.gain, self.counts, output_size=self.numel)
-        if self.base is None:
-            offset = torch.repeat_interleave(self.offset, self.counts, output_size=self.numel)
-        else:
-            offset = self.base
-        values = torch.addcmul(offset, coef, h).split(self.numels, dim=-1)
-        return {
-            name: v.view(batch + shape) for name, v, shape in zip(self.names, values, self.shapes)
-        }
+    def per_set(self, x: Tensor) -> dict[str, Tensor]:
+        r"""Generates one parameter set per set, from a batch of ``S`` sets of ``B`` examples.
 
-    def _check_input(self, x: Tensor) -> None:
+        ``per_set(x)[name][s]`` equals ``forward(x[s])[name]``, computed in one pass.
+
+        Args:
+            x: Sets of examples, ``(S, B, *)`` with ``prod(*) == input_dim``.
+
+        Returns:
+            Parameters of shape ``(S, *shape)``, keyed like ``downstream.named_parameters()``.
+        """
+        self._check_input(x, sets=True)
+        e = self.encoder(x.reshape(x.shape[0], x.shape[1], -1))
+        return self.generate(_pool_sets(self.pool, e))
+
+    def per_sample(self, x: Tensor) -> dict[str, Tensor]:
+        r"""Generates one parameter set per example: each example is its own set of one.
+
+        ``per_sample(x)[name][i]`` equals ``forward(x[i:i + 1])[name]``. Apply the result to
+        the downstream in one call with :func:`torchhyper.per_sample_call`.
+
+        Args:
+            x: Examples, ``(B, *)`` with ``prod(*) == input_dim``.
+
+        Returns:
+            Parameters of shape ``(B, *shape)``, keyed like ``downstream.named_parameters()``.
+
+        Example:
+            >>> params = hypernetwork.per_sample(c)            # c: (B, input_dim)
+            >>> y = per_sample_call(downstream, params, x)     # y[i] = downstream_i(x[i])
+        """
+        self._check_input(x, sets=False)
+        e = self.encoder(x.reshape(x.shape[0], -1))
+        if self.pool in POOLS.values():
+            z = e  # a mean, sum or max over one example is that example
+        else:
+            z = _pool_sets(self.pool, e.unsqueeze(1))
+        return self.generate(z)
+
+    def _check_input(self, x: Tensor, *, sets: bool) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() < 1 or x.shape[0] == 0:
-            raise ValueError(f"x must be a non-empty batch (B, *) with B >= 1, got shape {tuple(x.shape)}")
-        features = math.prod(x.shape[1:])
+        lead = 2 if sets else 1
+        form = "(S, B, *) with S, B >= 1" if sets else "(B, *) with B >= 1"
+        if x.dim() < lead or 0 in x.shape[:lead]:
+            what = "a non-empty batch of sets" if sets else "a non-empty batch"
+            raise ValueError(f"x must be {what} {form}, got shape {tuple(x.shape)}")
+        features = math.prod(x.shape[lead:])
         if features != self.input_dim:
+            shape = "(S, B, *)" if sets else "(B, *)"
             raise ValueError(
-                f"x must have shape (B, *) with prod(*) == input_dim == {self.input_dim}, "
+                f"x must have shape {shape} with prod(*) == input_dim == {self.input_dim}, "
                 f"got shape {tuple(x.shape)} ({features} features per example)"
             )
         ref = self.gain
@@ -215,9 +206,4 @@ class HyperNetwork(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        own = sum(p.numel() for p in self.parameters())
-        return (
-            f"input_dim={self.input_dim}, generated={len(self.names)} tensors "
-            f"({self.numel} values), parameters={own} ({own / self.numel:.3g}x generated), "
-            f"init={self.init!r}"
-        )
+        return f"input_dim={self.input_dim}, {self._generated_repr()}"

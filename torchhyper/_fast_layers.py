@@ -1,0 +1,241 @@
+r"""Batched forms of common layers for :func:`torchhyper.per_sample_call`.
+
+Each handler runs one layer for ``B`` parameter sets at once: input ``x`` of shape ``(B, *)``
+whose slice ``x[i]`` is what the layer would see in a loop, parameters either per sample
+``(B, *shape)`` or shared (the module's own, when not generated). It returns what
+``torch.stack([functional_call(layer, params[i], x[i]) for i in range(B)])`` returns, or
+``NotImplemented`` for a configuration it does not cover (the caller then uses ``vmap``).
+
+Linear is a batched matrix product, a convolution is a grouped convolution over the stacked
+channels of all samples, the norms normalize as usual and apply per-sample scales and shifts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__: list[str] = []
+
+
+class _Context:
+    """The parameter sets of one call: name -> (B, *shape), plus who owns which tensor."""
+
+    def __init__(self, params: dict[str, Tensor], names: dict[int, str], batch: int) -> None:
+        self.params = params
+        self.names = names  # id(module's tensor) -> its name in ``params``
+        self.batch = batch
+
+    def get(self, module: nn.Module, attr: str) -> tuple[Tensor | None, bool]:
+        """The tensor to use for ``module.<attr>``, and whether it is per sample."""
+        own = module._parameters.get(attr)
+        if own is None:
+            own = module._buffers.get(attr)
+        if own is None:
+            return None, False
+        value = self.params.get(self.names.get(id(own), ""))
+        return (own, False) if value is None else (value, True)
+
+
+def _affine(y: Tensor, ctx: _Context, module: nn.Module, channel_dim: int) -> Tensor:
+    """Applies ``weight`` and ``bias`` (shape ``(C, ...)``) that start at ``channel_dim``."""
+    for attr, op in (("weight", torch.mul), ("bias", torch.add)):
+        value, batched = ctx.get(module, attr)
+        if value is None:
+            continue
+        trailing = y.dim() - channel_dim - (value.dim() - batched)
+        if batched:
+            value = value.view(value.shape[0], *[1] * (channel_dim - 1), *value.shape[1:], *[1] * trailing)
+        else:
+            value = value.view(*value.shape, *[1] * trailing)
+        y = op(y, value)
+    return y
+
+
+def _linear(m: nn.Linear, x: Tensor, ctx: _Context) -> Any:
+    w, w_batched = ctx.get(m, "weight")
+    b, b_batched = ctx.get(m, "bias")
+    if not w_batched:
+        y = F.linear(x, w)
+        return y if b is None else y + (b.view(b.shape[0], *[1] * (y.dim() - 2), -1) if b_batched else b)
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, L, in)
+    if b is None:
+        y = torch.bmm(flat, w.transpose(1, 2))
+    else:
+        y = torch.baddbmm(b.unsqueeze(1) if b_batched else b, flat, w.transpose(1, 2))
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _conv(m: nn.modules.conv._ConvNd, x: Tensor, ctx: _Context) -> Any:
+    dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
+    if m.padding_mode != "zeros" or x.dim() - 1 not in (dims + 1, dims + 2):
+        return NotImplemented
+    unbatched = x.dim() - 1 == dims + 1  # each slice is one example (C, *spatial)
+    if unbatched:
+        x = x.unsqueeze(1)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    w, w_batched = ctx.get(m, "weight")
+    b, b_batched = ctx.get(m, "bias")
+    batch, n = x.shape[:2]
+    options = {"stride": m.stride, "padding": m.padding, "dilation": m.dilation}
+    if w_batched:
+        # Samples side by side as channel groups: (N, B * C, *) with B * groups groups.
+        stacked = x.transpose(0, 1).reshape(n, batch * x.shape[2], *x.shape[3:])
+        bias = None if b is None else (b if b_batched else b.expand(batch, -1)).reshape(-1)
+        y = conv(stacked, w.reshape(-1, *w.shape[2:]), bias, groups=batch * m.groups, **options)
+        y = y.view(n, batch, -1, *y.shape[2:]).transpose(0, 1)
+    else:
+        y = conv(x.reshape(batch * n, *x.shape[2:]), w, None if b_batched else b, groups=m.groups, **options)
+        y = y.view(batch, n, *y.shape[1:])
+        if b_batched:
+            y = y + b.view(batch, 1, -1, *[1] * dims)
+    return y.squeeze(1) if unbatched else y
+
+
+def _layer_norm(m: nn.LayerNorm, x: Tensor, ctx: _Context) -> Any:
+    y = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+    return _affine(y, ctx, m, x.dim() - len(m.normalized_shape))
+
+
+def _group_norm(m: nn.GroupNorm, x: Tensor, ctx: _Context) -> Any:
+    if x.dim() < 3:  # a slice needs (N, C, *)
+        return NotImplemented
+    # Group norm statistics are per example and group: the batch of sets is just more examples.
+    y = F.group_norm(x.reshape(-1, *x.shape[2:]), m.num_groups, None, None, m.eps).view(x.shape)
+    return _affine(y, ctx, m, 2)
+
+
+_BATCH_NORM_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+
+
+def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x: Tensor, ctx: _Context) -> Any:
+    if x.dim() - 1 not in _BATCH_NORM_DIMS[type(m)]:
+        return NotImplemented
+    if any(ctx.get(m, a)[1] for a in ("running_mean", "running_var")):
+        return NotImplemented  # per-sample running statistics: leave them to vmap
+    shape = (1, 1, x.shape[2]) + (1,) * (x.dim() - 3)
+    use_batch = m.training or m.running_mean is None
+    if use_batch:
+        # Each sample's own batch statistics, as a loop would compute them.
+        dims = (1, *range(3, x.dim()))
+        count = x.numel() // (x.shape[0] * x.shape[2])
+        if m.training and count <= 1:
+            return NotImplemented  # let PyTorch raise its own error
+        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + m.eps)
+        if m.training and m.track_running_stats and m.running_mean is not None:
+            _update_running_stats(m, mean, var, count)
+    else:
+        mean, var = m.running_mean.view(shape), m.running_var.view(shape)
+        y = (x - mean) * torch.rsqrt(var + m.eps)
+    return _affine(y, ctx, m, 2)
+
+
+def _update_running_stats(m: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, count: int) -> None:
+    """One update with the average over samples of each sample's batch statistics."""
+    with torch.no_grad():
+        m.num_batches_tracked.add_(1)
+        factor = 1.0 / m.num_batches_tracked.item() if m.momentum is None else m.momentum
+        unbiased = var * (count / (count - 1))
+        m.running_mean.mul_(1 - factor).add_(mean.mean(0).flatten(), alpha=factor)
+        m.running_var.mul_(1 - factor).add_(unbiased.mean(0).flatten(), alpha=factor)
+
+
+def _embedding(m: nn.Embedding, x: Tensor, ctx: _Context) -> Any:
+    w, batched = ctx.get(m, "weight")
+    if m.padding_idx is not None or m.max_norm is not None or x.is_floating_point():
+        return NotImplemented  # padding rows get no gradient, max_norm renormalizes in place
+    if not batched:
+        return F.embedding(x, w)
+    rows = torch.arange(x.shape[0], device=x.device).view(-1, *[1] * (x.dim() - 1))
+    return w[rows, x]
+
+
+def _project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``x W^T + b`` for ``x`` of shape (B, L, in), ``w`` (B, out, in) or (out, in)."""
+    y = torch.matmul(x, w.transpose(-1, -2))
+    if b is not None:
+        y = y + (b.unsqueeze(-2) if b.dim() == 2 else b)
+    return y
+
+
+def _cell(kind: type, gx: Tensor, gh: Tensor, state: tuple[Tensor, ...], act: Any) -> tuple[Tensor, ...]:
+    """One step: input gates ``gx`` and hidden gates ``gh`` (B, N, G * H) to the new state."""
+    if kind is nn.RNN:
+        return (act(gx + gh),)
+    if kind is nn.GRU:
+        xr, xz, xn = gx.chunk(3, -1)
+        hr, hz, hn = gh.chunk(3, -1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return ((1 - z) * n + z * state[0],)
+    i, f, g, o = (gx + gh).chunk(4, -1)
+    c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def _rnn(m: nn.RNNBase, x: Tensor, ctx: _Context) -> Any:
+    if getattr(m, "proj_size", 0) or x.dim() - 1 not in (2, 3):
+        return NotImplemented
+    unbatched = x.dim() == 3  # each slice is one sequence (T, in)
+    seq = x.unsqueeze(1) if unbatched else (x if m.batch_first else x.transpose(1, 2))
+    batch, n, steps = seq.shape[:3]  # (B, N, T, in)
+    kind = type(m)
+    act = torch.tanh if getattr(m, "nonlinearity", "tanh") == "tanh" else torch.relu
+    directions = 2 if m.bidirectional else 1
+    finals: list[tuple[Tensor, ...]] = []
+    for layer in range(m.num_layers):
+        outputs = []
+        for d in range(directions):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            w_ih, w_hh = ctx.get(m, "weight_ih" + sfx)[0], ctx.get(m, "weight_hh" + sfx)[0]
+            b_ih, b_hh = ctx.get(m, "bias_ih" + sfx)[0], ctx.get(m, "bias_hh" + sfx)[0]
+            gx = _project(seq.reshape(batch, n * steps, -1), w_ih, b_ih).view(batch, n, steps, -1)
+            zeros = seq.new_zeros(batch, n, m.hidden_size)
+            state = (zeros, zeros) if kind is nn.LSTM else (zeros,)
+            hs = [zeros] * steps
+            for t in reversed(range(steps)) if d else range(steps):
+                gh = _project(state[0], w_hh, b_hh)
+                state = _cell(kind, gx[:, :, t], gh, state, act)
+                hs[t] = state[0]
+            outputs.append(torch.stack(hs, dim=2))
+            finals.append(state)
+        seq = torch.cat(outputs, dim=-1)  # (B, N, T, D * H)
+        if m.dropout and m.training and layer < m.num_layers - 1:
+            seq = F.dropout(seq, m.dropout, training=True)
+    out = seq.squeeze(1) if unbatched else (seq if m.batch_first else seq.transpose(1, 2))
+    parts = [torch.stack([f[k] for f in finals], dim=1) for k in range(len(finals[0]))]  # (B, D*L, N, H)
+    parts = [p.squeeze(2) if unbatched else p for p in parts]
+    return (out, parts[0]) if kind is not nn.LSTM else (out, (parts[0], parts[1]))
+
+
+def _elementwise(m: nn.Module, x: Tensor, ctx: _Context) -> Any:
+    return m(x)
+
+
+_ELEMENTWISE = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.LogSigmoid, nn.Tanhshrink, nn.Dropout, nn.AlphaDropout,
+)
+
+_FAST: dict[type, Callable[[Any, Tensor, _Context], Any]] = {
+    nn.Linear: _linear,
+    nn.Conv1d: _conv,
+    nn.Conv2d: _conv,
+    nn.Conv3d: _conv,
+    nn.LayerNorm: _layer_norm,
+    nn.Embedding: _embedding,
+    nn.RNN: _rnn,
+    nn.GRU: _rnn,
+    nn.LSTM: _rnn,
+    nn.GroupNorm: _group_norm,
+    nn.BatchNorm1d: _batch_norm,
+    nn.BatchNorm2d: _batch_norm,
+    nn.BatchNorm3d: _batch_norm,
+    **{t: _elementwise for t in _ELEMENTWISE},
+}

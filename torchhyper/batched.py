@@ -1,0 +1,225 @@
+r"""Per-sample parameters: apply ``B`` parameter sets to a downstream in one call.
+
+:meth:`HyperNetwork.per_sample <torchhyper.HyperNetwork.per_sample>` returns one parameter set
+per example, each tensor of shape ``(B, *shape)``. :func:`per_sample_call` applies them:
+
+``per_sample_call(downstream, params, x)[i] == functional_call(downstream, params[i], x[i])``
+
+for any module, without a Python loop. Layers with a batched form run as one batched kernel:
+``Linear`` as a batched matrix product, ``Conv1d/2d/3d`` as a grouped convolution, LayerNorm,
+GroupNorm and BatchNorm as usual normalization with per-sample scales and shifts, and the
+element-wise activations as they are. ``nn.Sequential`` containers are walked; any other module
+(a custom ``forward``, attention, an RNN, a module with hooks) runs under
+``torch.func.vmap(functional_call)``.
+
+BatchNorm in train mode. Each sample normalizes its own slice ``x[i]`` with that slice's batch
+statistics, exactly as the loop does, so outputs and gradients equal the loop's. The running
+statistics are updated once per call (``num_batches_tracked`` += 1) with the average over samples
+of each sample's batch statistics; a loop would instead update them ``B`` times in sequence.
+
+diffusers and attention. diffusers' UNet blocks normalize transposed views with ``GroupNorm``,
+which ``vmap`` cannot run, and PyTorch's fused attention fast path has no derivative under
+``vmap``. :func:`vmap_compatible` fixes both for the body of a ``with`` block, without touching
+the user's modules; :func:`per_sample_call` enters it around its ``vmap`` fallback, so UNets and
+attention work there as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_map
+
+from torchhyper._fast_layers import _FAST, _Context
+
+__all__ = ["per_sample_call", "vmap_compatible"]
+
+
+def per_sample_call(
+    downstream: nn.Module,
+    params: Mapping[str, Tensor],
+    args: Tensor | tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> Any:
+    r"""Runs ``downstream`` once per parameter set, as one batched call.
+
+    Like :func:`torch.func.functional_call`, with a leading batch dimension ``B`` on every
+    parameter and every tensor input: the result ``y`` satisfies
+
+    ``y[i] == functional_call(downstream, {k: v[i] for k, v in params.items()}, x[i])``.
+
+    Each ``x[i]`` is what the downstream sees: ``(B, D)`` inputs give each parameter set one
+    unbatched example ``(D,)``; ``(B, N, D)`` gives each a batch of ``N`` (needed by modules
+    that require a batch dimension, such as BatchNorm or a diffusers UNet). Parameters missing
+    from ``params`` keep the module's own values, shared by all samples. See the module
+    docstring for the fast paths and the BatchNorm policy.
+
+    Args:
+        downstream: Any module.
+        params: Tensors keyed by parameter (or buffer) names, each ``(B, *shape)``; a subset.
+        args: The positional input(s); every tensor in it is ``(B, *)``. Non-tensors are passed
+            to every call as they are.
+        kwargs: Keyword inputs, batched like ``args``.
+
+    Returns:
+        What ``downstream`` returns, with a leading dimension ``B`` on every tensor.
+
+    Raises:
+        ValueError: Unknown names, shapes that are not ``(B, *shape)``, or inputs whose leading
+            dimension is not ``B``.
+        TypeError: ``params`` is not a dict of tensors.
+
+    Example:
+        >>> params = hypernetwork.per_sample(c)              # (B, *shape) each
+        >>> y = per_sample_call(downstream, params, x)       # x: (B, D) -> y: (B, out)
+    """
+    args = args if isinstance(args, tuple) else (args,)
+    kwargs = {} if kwargs is None else kwargs
+    batch, names = _check(downstream, params, args, kwargs)
+    ctx = _Context(dict(params), names, batch)
+    if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+        return _forward(downstream, args[0], ctx)
+    return _vmapped(downstream, args, kwargs, ctx)
+
+
+def _check(
+    downstream: nn.Module, params: Mapping[str, Tensor], args: tuple, kwargs: dict
+) -> tuple[int, dict[int, str]]:
+    if not isinstance(downstream, nn.Module):
+        raise TypeError(f"downstream must be a torch.nn.Module, got {type(downstream).__name__}")
+    if not isinstance(params, Mapping) or not all(isinstance(v, Tensor) for v in params.values()):
+        raise TypeError(f"params must be a dict of name -> Tensor, got {type(params).__name__}")
+    if not params:
+        raise ValueError("params is empty: per_sample_call needs at least one (B, *shape) tensor")
+    reference = dict(downstream.named_parameters())
+    reference.update(downstream.named_buffers())
+    unexpected = [k for k in params if k not in reference]
+    if unexpected:
+        names = list(reference)
+        raise ValueError(
+            f"params has names that are not parameters or buffers of {type(downstream).__name__}: "
+            f"{unexpected}; expected names like {names[:8]}{' ...' if len(names) > 8 else ''}"
+        )
+    # B is the leading size of most tensors, so that the odd one out is the one reported.
+    sizes = [v.shape[0] for k, v in params.items() if v.dim() == reference[k].dim() + 1]
+    batch = max(sizes, key=sizes.count) if sizes else 0
+    wrong = [
+        f"{k}: expected ({batch}, {', '.join(map(str, reference[k].shape))}), got {tuple(v.shape)}"
+        for k, v in params.items()
+        if v.shape[1:] != reference[k].shape or v.dim() == 0 or v.shape[0] != batch
+    ]
+    if wrong or batch == 0:
+        raise ValueError(
+            "params must have shape (B, *shape) with one B >= 1 for all: " + "; ".join(wrong or ["B == 0"])
+        )
+    leaves = tree_flatten((args, kwargs))[0]
+    bad = [tuple(t.shape) for t in leaves if isinstance(t, Tensor) and (t.dim() == 0 or t.shape[0] != batch)]
+    if bad:
+        raise ValueError(
+            f"every tensor input must have the leading dimension B == {batch} of params, got shapes "
+            f"{bad}; expand a shared input with t.expand({batch}, *t.shape)"
+        )
+    names = {id(t): n for n, t in downstream.named_parameters()}
+    names.update({id(t): n for n, t in downstream.named_buffers()})
+    return batch, names
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+def _forward(module: nn.Module, x: Tensor, ctx: _Context) -> Any:
+    """One module on a batched input, by its fast path if it has one, else under vmap."""
+    if not _has_hooks(module) and not _global_hooks():
+        if type(module) is nn.Sequential:
+            for child in module:
+                x = _forward(child, x, ctx)
+            return x
+        fast = _FAST.get(type(module))
+        if fast is not None:
+            y = fast(module, x, ctx)
+            if y is not NotImplemented:
+                return y
+    return _vmapped(module, (x,), {}, ctx)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as m
+
+    pre = [h for h in m._global_forward_pre_hooks.values() if h is not _contiguous_input]
+    return bool(m._global_forward_hooks or pre or m._global_backward_hooks)
+
+
+def _vmapped(module: nn.Module, args: tuple, kwargs: dict, ctx: _Context) -> Any:
+    own = list(module.named_parameters()) + list(module.named_buffers())
+    sub = {n: ctx.params[ctx.names[id(t)]] for n, t in own if ctx.names.get(id(t)) in ctx.params}
+    # Train-mode BatchNorm updates its running statistics in place, which vmap only allows on
+    # batched tensors: give each sample its own copy, then average the copies back.
+    stats: dict[str, Tensor] = {}
+    owners: dict[str, Tensor] = {}
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.running_mean is not None:
+            for attr in ("running_mean", "running_var"):
+                key = f"{name}.{attr}" if name else attr
+                if key not in sub:
+                    owners[key] = getattr(m, attr)
+                    stats[key] = owners[key].detach().expand(ctx.batch, *owners[key].shape).clone()
+
+    def call(p: dict[str, Tensor], s: dict[str, Tensor], a: tuple, k: dict) -> Any:
+        return functional_call(module, {**p, **s}, a, k)
+
+    dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, (args, kwargs))
+    with vmap_compatible():
+        out = torch.func.vmap(call, in_dims=(0, 0, *dims), randomness="different")(sub, stats, args, kwargs)
+    with torch.no_grad():
+        for key, copies in stats.items():
+            owners[key].copy_(copies.mean(0))
+    return out
+
+
+@contextmanager
+def vmap_compatible() -> Iterator[None]:
+    r"""Within the block, common modules run under ``torch.func.vmap`` with gradients.
+
+    Two things keep stock modules from running under ``vmap``; both are fixed here by global,
+    value-preserving switches, undone on exit even when the body raises:
+
+    * ``nn.GroupNorm`` on a non-contiguous input, which diffusers' attention and ResNet blocks
+      pass (``group_norm(h.transpose(1, 2))``), fails with ``NYI: querying is_contiguous inside
+      of vmap``. A global forward pre-hook makes GroupNorm inputs contiguous.
+    * ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` in eval mode take a fused
+      fast path that cannot see that gradients are needed through ``vmap``, and then fail in the
+      backward (``derivative for aten::_native_multi_head_attention is not implemented``), or
+      run it one sample at a time. The fast path is switched off
+      (``torch.backends.mha.set_fastpath_enabled(False)``).
+
+    Nothing is subclassed, patched or registered on the user's modules, so this is safe to wrap
+    around any code; :func:`per_sample_call` enters it around its ``vmap`` fallback. Use it
+    around your own ``vmap`` of such modules.
+
+    Example:
+        >>> with vmap_compatible():
+        ...     y = torch.func.vmap(lambda p, x: functional_call(unet, p, x))(params, x)
+    """
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(_contiguous_input)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        handle.remove()
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
+    if isinstance(module, nn.GroupNorm) and args and isinstance(args[0], Tensor):
+        return (args[0].contiguous(), *args[1:])
+    return None

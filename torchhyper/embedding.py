@@ -1,0 +1,174 @@
+r"""Embedding-conditioned hypernetworks: integer ids (tasks, data sets, classes) to parameters.
+
+Each id has a learned embedding; the same head and init as :class:`~torchhyper.HyperNetwork`
+map it to a full set of downstream parameters. This is the task-conditioned hypernetwork of
+von Oswald et al. 2020: one downstream per task from one set of hypernetwork weights. For
+continual learning, :func:`output_regularizer` keeps the parameters generated for earlier tasks
+close to what they were when those tasks were learned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal, Union
+
+import torch
+from torch import Tensor, nn
+
+from torchhyper._generator import _Generator
+from torchhyper.heads import HeadFactory
+
+__all__ = ["EmbeddingHyperNetwork", "output_regularizer"]
+
+
+class EmbeddingHyperNetwork(_Generator):
+    r"""Generates the parameters of ``downstream`` for integer ids, one learned embedding each.
+
+    ``forward(ids)`` embeds the ids with an ``nn.Embedding(num_embeddings, embedding_dim)``,
+    passes them through an optional MLP with ``hidden_sizes``, and then through the same
+    normalization, head and init as :class:`~torchhyper.HyperNetwork`, so each id's generated
+    tensors start at the scale of PyTorch's default init (or exactly at the downstream's
+    weights with ``init="downstream"``).
+
+    Args:
+        num_embeddings: How many ids: valid ids are ``0 .. num_embeddings - 1``.
+        embedding_dim: Width of each id's learned embedding.
+        downstream: The module whose parameters are generated. It is not registered.
+        hidden_sizes: Widths of an MLP between the embedding and the head; default none.
+        include: Glob pattern(s) of parameter names to generate. Default: all.
+        exclude: Glob pattern(s) of parameter names not to generate.
+        head: As for :class:`~torchhyper.HyperNetwork`: ``"auto"``, ``"dense"``,
+            ``"chunked"``, ``"lowrank"`` or a callable ``(in_features, shapes) -> Head``.
+        init: ``"default"`` or ``"downstream"``, as for :class:`~torchhyper.HyperNetwork`.
+        activation: The MLP's activation module class.
+
+    Example:
+        >>> downstream = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 1))
+        >>> hypernetwork = EmbeddingHyperNetwork(5, 8, downstream)
+        >>> hypernetwork(2)["0.weight"].shape                   # task 2
+        torch.Size([32, 1])
+        >>> hypernetwork(torch.tensor([0, 3]))["0.weight"].shape  # tasks 0 and 3
+        torch.Size([2, 32, 1])
+
+    References:
+        | Continual learning with hypernetworks (von Oswald et al., 2020)
+        | https://arxiv.org/abs/1906.00695
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        downstream: nn.Module,
+        *,
+        hidden_sizes: Sequence[int] = (),
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        head: Union[str, HeadFactory] = "auto",
+        init: Literal["default", "downstream"] = "default",
+        activation: type[nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        sizes = list(hidden_sizes) if isinstance(hidden_sizes, (list, tuple)) else None
+        if sizes is None or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes):
+            raise ValueError(f"hidden_sizes must be a list of positive ints, got {hidden_sizes!r}")
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.hidden_sizes = sizes
+        self.embedding = nn.Embedding(num_embeddings, embedding_dim)
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip([embedding_dim, *sizes[:-1]], sizes):
+            layers += [nn.Linear(n_in, n_out), activation()]
+        self.encoder = nn.Sequential(*layers)
+        width = sizes[-1] if sizes else embedding_dim
+        self._build(downstream, width, include=include, exclude=exclude, head=head, init=init)
+
+    def forward(self, ids: int | Tensor) -> dict[str, Tensor]:
+        r"""Generates the parameters for ``ids``.
+
+        Args:
+            ids: One id (an ``int`` or a 0-dim tensor) or integer ids of shape ``(*)``.
+
+        Returns:
+            Parameters of shape ``(*, *shape)``, keyed like ``downstream.named_parameters()``.
+        """
+        return self.generate(self.embed(ids))
+
+    def embed(self, ids: int | Tensor) -> Tensor:
+        r"""The embeddings ``(*, H)`` of integer ids ``(*)``, after the optional MLP."""
+        return self.encoder(self.embedding(self._check_ids(ids)))
+
+    def _check_ids(self, ids: int | Tensor) -> Tensor:
+        device = self.embedding.weight.device
+        if isinstance(ids, int) and not isinstance(ids, bool):
+            ids = torch.tensor(ids, device=device)
+        if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            shown = f"dtype {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
+            raise TypeError(f"ids must be an int or an integer tensor, got {shown}")
+        if ids.device != device:
+            raise ValueError(
+                f"ids are on device {ids.device} but the hypernetwork is on {device}: "
+                f"move them, e.g. ids.to('{device}')"
+            )
+        if ids.numel() and ids.device.type != "meta":
+            low, high = ids.min().item(), ids.max().item()
+            if low < 0 or high >= self.num_embeddings:
+                raise ValueError(
+                    f"ids must be in [0, {self.num_embeddings - 1}] (num_embeddings="
+                    f"{self.num_embeddings}), got values from {low} to {high}"
+                )
+        return ids
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+            f"{self._generated_repr()}"
+        )
+
+
+def output_regularizer(params: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
+    r"""The output regularizer of von Oswald et al. 2020, for continual learning.
+
+    ``mean_t sum_name ||params[name][t] - targets[name][t]||^2`` over ``T`` earlier tasks:
+    the squared distance between what the hypernetwork generates for each earlier task now and
+    what it generated when that task was learned (``targets``, detached). Add
+    ``beta * output_regularizer(...)`` to the current task's loss. (The paper's optional
+    look-ahead term is left out.)
+
+    Args:
+        params: The parameters generated now for earlier task ids, each ``(T, *shape)``.
+        targets: The parameters stored for the same ids, keyed and shaped like ``params``.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: Keys or shapes of ``params`` and ``targets`` differ.
+
+    Example:
+        >>> old = torch.arange(task)                        # after learning tasks 0 .. task-1
+        >>> targets = {k: v.detach() for k, v in hypernetwork(old).items()}
+        >>> # ... then, while learning task `task`:
+        >>> loss = task_loss + beta * output_regularizer(hypernetwork(old), targets)
+
+    References:
+        | Continual learning with hypernetworks (von Oswald et al., 2020)
+        | https://arxiv.org/abs/1906.00695
+    """
+    if list(params) != list(targets):
+        missing = [k for k in params if k not in targets]
+        unexpected = [k for k in targets if k not in params]
+        raise ValueError(
+            f"params and targets must have the same keys: missing from targets {missing}, "
+            f"not in params {unexpected}"
+        )
+    wrong = [f"{k}: {tuple(params[k].shape)} vs {tuple(v.shape)}" for k, v in targets.items() if v.shape != params[k].shape]
+    if wrong:
+        raise ValueError("params and targets must have the same shapes: " + "; ".join(wrong))
+    first = next(iter(params.values()))
+    tasks = first.shape[0] if first.dim() else 1
+    total = sum((p - t.detach()).square().sum() for p, t in zip(params.values(), targets.values()))
+    return total / tasks
