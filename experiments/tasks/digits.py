@@ -1,0 +1,62 @@
+r"""Shared by the VAE and DDPM experiments: images as one dataset, or each class as a dataset.
+
+With ``amortized`` false there is one dataset, the whole training split; each step draws
+``batch_size`` images of it. With ``amortized`` true each digit class is a dataset: each step
+draws a class, then ``batch_size`` images of that class (the set the hypernetwork reads). At
+evaluation a dataset's model is generated from all its training images and scored on its
+held-out (test) images.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from experiments.config import Config
+from experiments.data import Images, load_images
+
+__all__ = ["DigitSets"]
+
+
+class DigitSets:
+    r"""Training images split into datasets: one (all images) or one per class.
+
+    Args:
+        config: The run's config (``task`` holds the data options).
+        transform: Maps images ``(N, 1, H, W)`` in [0, 1] to what the downstream takes.
+    """
+
+    def __init__(self, config: Config, transform) -> None:
+        t = config.task
+        self.images: Images = load_images(t.dataset, data_path=t.data_path, test_fraction=t.test_fraction,
+                                          max_train=t.max_train, seed=config.seed)
+        self.batch_size = config.batch_size
+        self.x_train, self.x_test = transform(self.images.x_train), transform(self.images.x_test)
+        if config.amortized:
+            self.classes = sorted(set(self.images.y_train.tolist()))
+            self.train_index = [torch.nonzero(self.images.y_train == c)[:, 0] for c in self.classes]
+            self.test_index = [torch.nonzero(self.images.y_test == c)[:, 0] for c in self.classes]
+        else:
+            self.classes = [-1]
+            self.train_index = [torch.arange(len(self.x_train))]
+            self.test_index = [torch.arange(len(self.x_test))]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def sample(self, generator: torch.Generator) -> tuple[int, Tensor]:
+        r"""A dataset index and ``batch_size`` of its training images (without replacement when
+        it has enough)."""
+        k = int(torch.randint(len(self.classes), (1,), generator=generator)) if len(self.classes) > 1 else 0
+        index = self.train_index[k]
+        if len(index) >= self.batch_size:
+            pick = torch.randperm(len(index), generator=generator)[: self.batch_size]
+        else:
+            pick = torch.randint(len(index), (self.batch_size,), generator=generator)
+        return k, self.x_train[index[pick]]
+
+    def train(self, k: int) -> Tensor:
+        return self.x_train[self.train_index[k]]
+
+    def test(self, k: int) -> Tensor:
+        return self.x_test[self.test_index[k]]

@@ -1,0 +1,82 @@
+r"""VAE: a hypernetwork reads a set of binarized digits and generates a VAE for them.
+
+Single dataset: all training digits. Amortized: each digit class is a dataset; the hypernetwork
+generates one VAE per class from that class's training images, and one VAE per class is trained
+directly on the same sets (so the same total number of steps). Metric: the ELBO of held-out
+(test) digits, in nats per image (higher is better), averaged over ``elbo_samples`` draws.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from experiments.config import Config
+from experiments.tasks.base import Task, plot_losses
+from experiments.tasks.digits import DigitSets
+from torchhyper import bind
+from torchhyper.zoo import VAE
+
+__all__ = ["VAEExperiment"]
+
+
+class VAEExperiment(Task):
+    def __init__(self, config: Config, device: torch.device) -> None:
+        t = config.task
+        self.config, self.t, self.device = config, t, device
+        self.sets = DigitSets(config, lambda x: (x > 0.5).float().flatten(1))
+        self.pixels = self.sets.x_train.shape[1]
+        self.downstream = VAE(self.pixels, latent_dim=t.latent_dim, hidden_sizes=t.model_hidden)
+        self.downstream.to(device).requires_grad_(False)
+        self.input_dim = self.pixels
+        self.num_datasets = len(self.sets)
+
+    def sample(self, generator: torch.Generator) -> tuple[int, Tensor]:
+        k, batch = self.sets.sample(generator)
+        return k, batch.to(self.device)
+
+    def loss(self, params: dict[str, Tensor], batch: Tensor) -> Tensor:
+        return -functional_call(self.downstream, params, (batch,)).mean()
+
+    def finish(self, hypernetwork, direct: nn.ModuleList, history, out: Path) -> dict[str, Any]:
+        elbo: dict[str, list[Tensor]] = {"hypernetwork": [], "direct": []}
+        grids: dict[str, list[Tensor]] = {"hypernetwork": [], "direct": []}
+        gen = torch.Generator(self.device).manual_seed(self.config.seed + 2000)
+        per_row = 10 if len(self.sets) > 1 else 100
+        with torch.no_grad():
+            for k in range(len(self.sets)):
+                test = self.sets.test(k).to(self.device)
+                fits = {"hypernetwork": hypernetwork(self.sets.train(k).to(self.device)),
+                        "direct": dict(direct[k].named_parameters())}
+                for name, params in fits.items():
+                    with bind(self.downstream, params):
+                        elbo[name].append(self.downstream.elbo(test, samples=self.t.elbo_samples).cpu())
+                        grids[name].append(self.downstream.sample(per_row, generator=gen).cpu())
+        nats = {k: torch.cat(v).mean().item() for k, v in elbo.items()}
+        self._plot(grids, history, out / "vae.png")
+        return {
+            "elbo_hypernetwork": nats["hypernetwork"], "elbo_direct": nats["direct"],
+            "amortization_gap": nats["direct"] - nats["hypernetwork"],
+            # Higher is better: the hypernetwork's ELBO may be lower than direct's by 10% at most.
+            "within_10_percent": nats["hypernetwork"] >= nats["direct"] - 0.1 * abs(nats["direct"]),
+            "datasets": len(self.sets), "test_images": sum(len(e) for e in elbo["direct"]),
+            "elbo_per_dataset": {n: [e.mean().item() for e in v] for n, v in elbo.items()},
+        }
+
+    def _plot(self, grids, history, path: Path) -> None:
+        side = int(self.pixels ** 0.5)
+        fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+        for ax, (name, rows) in zip(axes, grids.items()):
+            images = torch.cat(rows)[:100].reshape(-1, 10, side, side)
+            ax.imshow(images.permute(0, 2, 1, 3).reshape(-1, 10 * side), cmap="gray_r")
+            ax.set_title(f"{name}: samples" + (" (row = class)" if len(rows) > 1 else ""), fontsize=9)
+            ax.axis("off")
+        plot_losses(axes[-1], history, ylabel="negative ELBO (nats)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=self.config.plot_dpi)
+        plt.close(fig)

@@ -1,0 +1,212 @@
+r"""Trains a hypernetwork on one of the four experiments, beside the same downstream trained
+directly, then evaluates both against the ground truth.
+
+    python -m experiments.train experiments/configs/gmm.json [--key=value ...]
+
+Reads top to bottom: config -> run folder -> task (data, downstream, evaluation) -> models ->
+optimizers -> (resume) -> training loop with checkpoints -> evaluation, plots, metrics.
+
+The run folder (``out_dir``) gets ``config.json`` (the resolved config), ``checkpoint.pt``,
+``metrics.json`` and PNG plots. A non-empty ``out_dir`` is never reused, except with
+``--resume=true``, which continues its run exactly where its last checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from experiments.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from experiments.config import Config, config_to_dict, load_config
+from experiments.tasks import Task, build_task
+from torchhyper import HyperNetwork
+
+__all__ = ["train", "main"]
+
+# Fields that may differ between a run and its resumption.
+_RESUMABLE = {"resume", "device", "threads"}
+
+
+def write_json(path: Path, data: Any) -> None:
+    r"""Writes JSON atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_out_dir(config: Config) -> Path:
+    r"""Creates the run folder, or checks that a resumed run's config matches the saved one."""
+    out = Path(config.out_dir)
+    resolved = config_to_dict(config)
+    if config.resume:
+        saved_path = out / "config.json"
+        if not saved_path.is_file():
+            raise FileNotFoundError(f"cannot resume: {str(saved_path)!r} does not exist (no run in {str(out)!r})")
+        saved = json.loads(saved_path.read_text())
+        changed = sorted(k for k in set(saved) | set(resolved)
+                         if k not in _RESUMABLE and saved.get(k) != resolved.get(k))
+        if changed:
+            raise ValueError(
+                f"cannot resume the run in {str(out)!r}: its config differs in {changed}; "
+                f"only {sorted(_RESUMABLE)} may change when resuming"
+            )
+        return out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"out_dir {str(out)!r} already exists and is not empty; choose a new out_dir, or pass "
+            "--resume=true to continue the run saved there"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", resolved)
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config.device is 'cuda' but CUDA is not available; use --device=cpu")
+    return torch.device(name)
+
+
+class MeanMLP(nn.Module):
+    r"""A set pool: the mean over the set, then an MLP (DeepSets' rho), ``(B, H) -> (H,)``.
+
+    References:
+        | Deep Sets (Zaheer et al., 2017) https://arxiv.org/abs/1703.06114
+    """
+
+    def __init__(self, width: int, layers: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())])
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.mlp(e.mean(dim=0))
+
+
+def build_models(config: Config, task: Task, device: torch.device) -> tuple[HyperNetwork, nn.ModuleList]:
+    r"""The hypernetwork, and one directly trained copy of the downstream per training dataset."""
+    pool = MeanMLP(config.hidden_sizes[-1], config.pool_layers) if config.pool_layers else "mean"
+    hypernetwork = HyperNetwork(task.input_dim, config.hidden_sizes, task.downstream, head=config.head, pool=pool)
+    direct = nn.ModuleList()
+    for _ in range(task.num_datasets):
+        direct.append(copy.deepcopy(task.downstream).requires_grad_(True))
+    return hypernetwork.to(device), direct.to(device)
+
+
+def build_optimizers(config: Config, hypernetwork: nn.Module, direct: nn.ModuleList) -> dict[str, Any]:
+    r"""Adam for each model, with a cosine decay to 0 over ``steps`` (or a constant rate)."""
+
+    def schedule(step: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * step / config.steps)) if config.cosine else 1.0
+
+    optimizers = {"hypernetwork": torch.optim.Adam(hypernetwork.parameters(), lr=config.lr)}
+    if len(direct):
+        optimizers["direct"] = torch.optim.Adam(direct.parameters(), lr=config.direct_lr)
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, schedule) for k, o in optimizers.items()}
+    return {"optimizers": optimizers, "schedulers": schedulers}
+
+
+def train_step(
+    config: Config, task: Task, hypernetwork: HyperNetwork, direct: nn.ModuleList,
+    optim: dict[str, Any], generator: torch.Generator,
+) -> dict[str, float]:
+    r"""One optimizer step of each model on ``sets_per_step`` sets drawn from the task.
+
+    The hypernetwork reads each set and generates the downstream's parameters for it; the
+    direct copy of the set's dataset is trained on the very same set.
+    """
+    sets = [task.sample(generator) for _ in range(config.sets_per_step)]
+    hyper_loss = sum(task.loss(hypernetwork(batch), batch) for _, batch in sets) / len(sets)
+    losses = {"hypernetwork": hyper_loss}
+    if len(direct):
+        losses["direct"] = sum(
+            task.loss(dict(direct[k].named_parameters()), batch) for k, batch in sets
+        ) / len(sets)
+    for name, loss in losses.items():
+        optim["optimizers"][name].zero_grad(set_to_none=True)
+        loss.backward()
+        optim["optimizers"][name].step()
+        optim["schedulers"][name].step()
+    return {k: v.item() for k, v in losses.items()}
+
+
+def checkpoint_state(step, hypernetwork, direct, optim, history, generator) -> dict[str, Any]:
+    return {
+        "step": step,
+        "models": {"hypernetwork": hypernetwork.state_dict(), "direct": direct.state_dict()},
+        "optimizers": {k: o.state_dict() for k, o in optim["optimizers"].items()},
+        "schedulers": {k: s.state_dict() for k, s in optim["schedulers"].items()},
+        "history": history,
+        "rng": rng_state(generator),
+    }
+
+
+def restore_state(checkpoint, hypernetwork, direct, optim, generator) -> tuple[int, dict[str, list[float]]]:
+    hypernetwork.load_state_dict(checkpoint["models"]["hypernetwork"])
+    direct.load_state_dict(checkpoint["models"]["direct"])
+    for k, o in optim["optimizers"].items():
+        o.load_state_dict(checkpoint["optimizers"][k])
+    for k, s in optim["schedulers"].items():
+        s.load_state_dict(checkpoint["schedulers"][k])
+    set_rng_state(checkpoint["rng"], generator)
+    return checkpoint["step"], checkpoint["history"]
+
+
+def train(config: Config) -> dict[str, Any]:
+    r"""Runs one experiment from its config; returns its metrics (also in ``out_dir/metrics.json``)."""
+    out = prepare_out_dir(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+
+    task = build_task(config, device)
+    hypernetwork, direct = build_models(config, task, device)
+    optim = build_optimizers(config, hypernetwork, direct)
+    generator = torch.Generator().manual_seed(config.seed)  # draws the training sets
+    history: dict[str, list[float]] = {k: [] for k in optim["optimizers"]}
+    start = 0
+    if config.resume:
+        checkpoint = load_checkpoint(out / "checkpoint.pt", map_location=device)
+        start, history = restore_state(checkpoint, hypernetwork, direct, optim, generator)
+
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.experiment,
+               dynamic_ncols=True, mininterval=1.0)
+    for step in bar:
+        losses = train_step(config, task, hypernetwork, direct, optim, generator)
+        for k, v in losses.items():
+            history[k].append(v)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            state = checkpoint_state(step + 1, hypernetwork, direct, optim, history, generator)
+            save_checkpoint(out / "checkpoint.pt", state)
+    bar.close()
+
+    torch.manual_seed(config.seed + 1)  # evaluation draws the same numbers, resumed or not
+    hypernetwork.eval()
+    metrics = task.finish(hypernetwork, direct, history, out)
+    metrics = {"experiment": config.experiment, "amortized": config.amortized, "steps": config.steps, **metrics}
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0].startswith("--"):
+        raise SystemExit("usage: python -m experiments.train CONFIG.json [--key=value ...]")
+    config = load_config(args[0], args[1:])
+    metrics = train(config)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

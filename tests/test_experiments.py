@@ -1,0 +1,259 @@
+"""The experiments' trainer: configs, smoke runs of every experiment, exact resume, refusals."""
+
+import gzip
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments import train as trainer  # noqa: E402
+from experiments.config import load_config  # noqa: E402
+from experiments.data import load_mnist, read_idx  # noqa: E402
+
+CONFIGS = ROOT / "experiments" / "configs"
+needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="needs diffusers")
+
+# Tiny settings: a few steps, small evaluations.
+TINY = {
+    "gmm": ["--steps=4", "--batch_size=64", "--task.n_train=64", "--task.mc_samples=500"],
+    "gmm_amortized": ["--steps=4", "--batch_size=32", "--sets_per_step=2", "--task.mc_samples=500",
+                      "--task.eval_datasets=2", "--task.direct_steps=3"],
+    "flow": ["--steps=4", "--batch_size=64", "--task.n_train=64"],
+    "flow_amortized": ["--steps=4", "--batch_size=32", "--task.eval_datasets=2", "--task.direct_steps=3"],
+    "vae": ["--steps=4", "--batch_size=16", "--task.elbo_samples=1", "--task.max_train=200"],
+    "vae_amortized": ["--steps=4", "--batch_size=8", "--task.elbo_samples=1", "--task.max_train=200"],
+    "ddpm": ["--steps=3", "--batch_size=4", "--head=chunked", "--task.block_out_channels=[8,16]",
+             "--task.norm_num_groups=4", "--task.timesteps=20", "--task.sample_steps=2",
+             "--task.samples_per_class=2", "--task.classifier_steps=3", "--task.max_train=200"],
+}
+PLOTS = {"gmm": "gmm.png", "flow": "flow.png", "vae": "vae.png", "ddpm": "ddpm.png"}
+
+
+def run(name: str, out: Path, *extra: str) -> dict:
+    return trainer.main([str(CONFIGS / f"{name}.json"), f"--out_dir={out}", "--checkpoint_every=2",
+                         *TINY[name], *extra])
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+# Configs ------------------------------------------------------------------------------------
+
+
+def test_every_shipped_config_loads():
+    names = sorted(p.stem for p in CONFIGS.glob("*.json"))
+    assert names == sorted(TINY)
+    for name in names:
+        config = load_config(CONFIGS / f"{name}.json")
+        assert config.hidden_sizes == [32, 64, 96]
+
+
+def test_overrides_are_parsed_as_json_and_checked():
+    config = load_config(CONFIGS / "gmm.json", ["--steps=7", "--out_dir=runs/x", "--task.means=[1, 3]",
+                                                 "--resume=true", "--lr=1"])
+    assert (config.steps, config.out_dir, config.task.means, config.resume) == (7, "runs/x", [1.0, 3.0], True)
+    assert config.lr == 1.0 and isinstance(config.lr, float)
+    with pytest.raises(ValueError, match="overrides must look like --key=value"):
+        load_config(CONFIGS / "gmm.json", ["--steps", "7"])
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"stepz": 3}, ValueError, r"config has unknown keys \['stepz'\]; valid keys are \[.*'steps'"),
+        ({"task": {"weightz": [1.0]}}, ValueError, r"config.task \(gmm\) has unknown keys \['weightz'\]"),
+        ({"steps": "100"}, TypeError, r"config.steps must be int, got str '100'"),
+        ({"steps": 1.5}, TypeError, r"config.steps must be int, got float 1.5"),
+        ({"resume": 1}, TypeError, r"config.resume must be bool, got int 1"),
+        ({"hidden_sizes": "32,64"}, TypeError, r"config.hidden_sizes must be a JSON list, got str"),
+        ({"hidden_sizes": []}, ValueError, r"config.hidden_sizes must be a non-empty list of positive ints, got \[\]"),
+        ({"device": "tpu"}, ValueError, r"config.device must be one of \['cpu', 'cuda'\], got 'tpu'"),
+        ({"lr": -0.1}, ValueError, r"config: lr=-0.1 must be > 0"),
+        ({"task": {"variances": [1.0, -1.0]}}, ValueError, r"config.task \(gmm\).variances must all be > 0, got \[1.0, -1.0\]"),
+        ({"task": {"weights": [0.5, 0.6]}}, ValueError, r"weights must be positive and sum to 1"),
+        ({"task": {"means": [0.0]}}, ValueError, r"must be non-empty lists of one length, got 2, 1 and 2"),
+        ({"experiment": "gan"}, ValueError, r"config.experiment must be one of \['gmm', 'flow', 'vae', 'ddpm'\]"),
+    ],
+)
+def test_bad_configs_are_rejected_with_clear_messages(tmp_path, change, error, message):
+    data = json.loads((CONFIGS / "gmm.json").read_text())
+    for key, value in change.items():
+        if key == "task" and not set(value) & {"weightz"}:
+            data["task"].update(value)
+        else:
+            data[key] = value
+    with pytest.raises(error, match=message):
+        load_config(write(tmp_path, data))
+
+
+def test_bad_flow_and_digit_task_values(tmp_path):
+    with pytest.raises(ValueError, match=r"config.task \(flow\).variances must all be > 0"):
+        load_config(CONFIGS / "flow.json", ["--task.variances=[1,2,3,4,5,6,7,8,9,10,11,-12]"])
+    with pytest.raises(ValueError, match=r"model_hidden must be a non-empty list of positive ints, got \[\]"):
+        load_config(CONFIGS / "vae.json", ["--task.model_hidden=[]"])
+    with pytest.raises(ValueError, match=r"data_path must name MNIST's .npz file or IDX folder"):
+        load_config(CONFIGS / "vae.json", ["--task.dataset=mnist"])
+    with pytest.raises(FileNotFoundError, match="config file .*nope.json' does not exist"):
+        load_config(tmp_path / "nope.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        load_config(tmp_path / "broken.json")
+
+
+# Smoke runs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [n for n in TINY if n != "ddpm"] + [pytest.param("ddpm", marks=needs_diffusers)])
+def test_each_experiment_runs_and_writes_metrics_and_plots(tmp_path, name):
+    out = tmp_path / name
+    metrics = run(name, out)
+    experiment = name.split("_")[0]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["experiment"] == experiment and saved["steps"] == metrics["steps"]
+    assert isinstance(saved["within_10_percent"], bool)
+    numbers = [v for k, v in saved.items() if isinstance(v, float)]
+    assert numbers and all(np.isfinite(numbers))
+    assert (out / PLOTS[experiment]).stat().st_size > 1000
+    assert json.loads((out / "config.json").read_text())["out_dir"] == str(out)
+    assert (out / "checkpoint.pt").is_file() and not list(out.glob("*.tmp"))
+
+
+# Exact resume ---------------------------------------------------------------------------------
+
+
+def _params(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pt", weights_only=True)["models"]
+
+
+@pytest.mark.parametrize("name", ["gmm_amortized", "vae_amortized"])
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, name):
+    run(name, tmp_path / "straight", "--steps=6")
+
+    calls = {"n": 0}
+    step = trainer.train_step
+
+    def crash_on_fifth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # the user's Ctrl-C, after the checkpoint at step 4
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        run(name, tmp_path / "resumed", "--steps=6")
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(trainer, "train_step", step)
+    run(name, tmp_path / "resumed", "--steps=6", "--resume=true")
+
+    straight, resumed = _params(tmp_path / "straight"), _params(tmp_path / "resumed")
+    for model in ("hypernetwork", "direct"):
+        assert straight[model].keys() == resumed[model].keys()
+        for key, value in straight[model].items():
+            assert torch.equal(value, resumed[model][key]), f"{model}.{key} differs after resuming"
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "resumed")]
+    assert metrics[0] == metrics[1]
+
+
+# Refusals: nothing on disk is overwritten or lost -------------------------------------------
+
+
+def test_refuses_a_non_empty_out_dir_and_leaves_it_untouched(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="already exists and is not empty; choose a new out_dir"):
+        run("gmm", out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "precious"
+
+
+def test_resume_errors_missing_corrupt_and_changed(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot resume: .*config.json' does not exist"):
+        run("gmm", tmp_path / "nothing", "--resume=true")
+    out = tmp_path / "run"
+    run("gmm", out)
+    good = (out / "checkpoint.pt").read_bytes()
+
+    (out / "checkpoint.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from at"):
+        run("gmm", out, "--resume=true")
+
+    (out / "checkpoint.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="is corrupt or truncated and cannot be loaded"):
+        run("gmm", out, "--resume=true")
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is corrupt or truncated"):
+        run("gmm", out, "--resume=true")
+    assert (out / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # left for the user to inspect
+
+    torch.save({"weights": torch.zeros(2)}, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match="is not a checkpoint of torchhyper's experiments"):
+        run("gmm", out, "--resume=true")
+
+    with pytest.raises(ValueError, match=r"its config differs in \['lr'\]"):
+        run("gmm", out, "--resume=true", "--lr=0.5")
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    with pytest.raises(ValueError, match="config.device is 'cuda' but CUDA is not available"):
+        run("gmm", tmp_path / "run", "--device=cuda")
+
+
+# MNIST files ----------------------------------------------------------------------------------
+
+
+def _idx(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _tiny_mnist(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {"x_train": rng.integers(0, 256, (30, 28, 28)), "y_train": np.arange(30) % 10,
+            "x_test": rng.integers(0, 256, (10, 28, 28)), "y_test": np.arange(10)}
+
+
+def test_mnist_from_idx_files_and_npz(tmp_path):
+    arrays = _tiny_mnist(np.random.default_rng(0))
+    names = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+             "x_test": "t10k-images-idx3-ubyte.gz", "y_test": "t10k-labels-idx1-ubyte"}
+    for key, name in names.items():
+        raw = _idx(arrays[key])
+        (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    np.savez(tmp_path / "mnist.npz", **{k: v.astype(np.uint8) for k, v in arrays.items()})
+    for source in (tmp_path, tmp_path / "mnist.npz"):
+        images = load_mnist(source)
+        assert images.x_train.shape == (30, 1, 28, 28) and images.x_test.shape == (10, 1, 28, 28)
+        np.testing.assert_allclose(images.x_train[:, 0].numpy() * 255, arrays["x_train"], atol=1e-4)
+        assert images.y_test.tolist() == list(range(10))
+
+    (tmp_path / "bad").write_bytes(b"\x08\x03\x00\x00")
+    with pytest.raises(ValueError, match="is not an IDX file: bad magic number 08030000"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(_idx(arrays["y_test"])[:-3])
+    with pytest.raises(ValueError, match=r"is truncated or too long: header says \[10\]"):
+        read_idx(tmp_path / "short")
+    shutil.move(tmp_path / "train-labels-idx1-ubyte", tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="lacks train-labels-idx1-ubyte"):
+        load_mnist(tmp_path)
+    np.savez(tmp_path / "partial.npz", x_train=arrays["x_train"])
+    with pytest.raises(ValueError, match=r"lacks the keys \['y_train', 'x_test', 'y_test'\]"):
+        load_mnist(tmp_path / "partial.npz")
+
+
+def test_vae_trains_on_user_supplied_mnist(tmp_path):
+    arrays = _tiny_mnist(np.random.default_rng(1))
+    np.savez(tmp_path / "mnist.npz", **{k: v.astype(np.uint8) for k, v in arrays.items()})
+    metrics = run("vae", tmp_path / "run", "--task.dataset=mnist", f"--task.data_path={tmp_path / 'mnist.npz'}")
+    assert np.isfinite(metrics["elbo_hypernetwork"]) and metrics["test_images"] == 10
