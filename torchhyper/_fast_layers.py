@@ -29,6 +29,7 @@ class _Context:
         self.params = params
         self.names = names  # id(module's tensor) -> its name in ``params``
         self.batch = batch
+        self.fast = True  # False when global module hooks exist: they must see every module
 
     def get(self, module: nn.Module, attr: str) -> tuple[Tensor | None, bool]:
         """The tensor to use for ``module.<attr>``, and whether it is per sample."""

@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import Literal, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchhyper._spec import _describe, _lazy_names, _select
-from torchhyper.heads import HeadFactory, _make_head
+from torchhyper.heads import DenseHead, HeadFactory, _make_head
 
 __all__: list[str] = []
 
@@ -90,14 +91,22 @@ class _Generator(nn.Module):
         Returns:
             The generated parameters, keyed and ordered like ``downstream.named_parameters()``.
         """
-        h = self.head(self.norm(z))
-        batch = h.shape[:-1]
+        z = self.norm(z)
+        batch = z.shape[:-1]
         coef = torch.repeat_interleave(self.scale * self.gain, self.counts, output_size=self.numel)
         if self.base is None:
             offset = torch.repeat_interleave(self.offset, self.counts, output_size=self.numel)
         else:
             offset = self.base
-        values = torch.addcmul(offset, coef, h).split(self.numels, dim=-1)
+        head = self.head
+        if _foldable(head, self.numel) and z[..., 0].numel() > head.in_features:
+            # Many sets at once (per sample): folding the per-value scale and offset into the
+            # head's weights costs N * H operations instead of B * N, forward and backward.
+            weight = head.weight * coef.unsqueeze(-1)
+            values = F.linear(z, weight, torch.addcmul(offset, coef, head.bias))
+        else:
+            values = torch.addcmul(offset, coef, head(z))
+        values = values.split(self.numels, dim=-1)
         return {
             name: v.view(batch + shape) for name, v, shape in zip(self.names, values, self.shapes)
         }
@@ -108,3 +117,14 @@ class _Generator(nn.Module):
             f"generated={len(self.names)} tensors ({self.numel} values), "
             f"parameters={own} ({own / self.numel:.3g}x generated), init={self.init!r}"
         )
+
+
+def _foldable(head: nn.Module, numel: int) -> bool:
+    """Whether ``head`` is the fused dense head ``F.linear(z, weight, bias)``."""
+    if type(head) is not DenseHead:
+        return False
+    weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
+    return (
+        isinstance(weight, Tensor) and isinstance(bias, Tensor)
+        and weight.shape == (numel, head.in_features) and bias.shape == (numel,)
+    )

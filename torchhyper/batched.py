@@ -26,7 +26,8 @@ attention work there as they are.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -82,9 +83,38 @@ def per_sample_call(
     kwargs = {} if kwargs is None else kwargs
     batch, names = _check(downstream, params, args, kwargs)
     ctx = _Context(dict(params), names, batch)
+    ctx.fast = not _global_hooks()
     if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
         return _forward(downstream, args[0], ctx)
     return _vmapped(downstream, args, kwargs, ctx)
+
+
+class _Index:
+    """Where a module's parameters and buffers live, by name: cached, and checked at each call."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.slots: list[tuple[dict, str, Tensor]] = []
+        self.tensors: dict[str, Tensor] = {}
+        self.names: dict[int, str] = {}  # id(tensor) -> its (first) name
+        for kind, named in (("_parameters", module.named_parameters), ("_buffers", module.named_buffers)):
+            for name, t in named():
+                owner, _, attr = name.rpartition(".")
+                self.slots.append((getattr(module.get_submodule(owner), kind), attr, t))
+                self.tensors[name] = t
+                self.names[id(t)] = name
+
+    def valid(self) -> bool:
+        return all(table.get(attr) is t for table, attr, t in self.slots)
+
+
+_INDEX: weakref.WeakKeyDictionary[nn.Module, _Index] = weakref.WeakKeyDictionary()
+
+
+def _index(module: nn.Module, keys: Iterable[str]) -> _Index:
+    index = _INDEX.get(module)
+    if index is None or not index.valid() or not all(k in index.tensors for k in keys):
+        index = _INDEX[module] = _Index(module)
+    return index
 
 
 def _check(
@@ -96,8 +126,8 @@ def _check(
         raise TypeError(f"params must be a dict of name -> Tensor, got {type(params).__name__}")
     if not params:
         raise ValueError("params is empty: per_sample_call needs at least one (B, *shape) tensor")
-    reference = dict(downstream.named_parameters())
-    reference.update(downstream.named_buffers())
+    index = _index(downstream, params)
+    reference = index.tensors
     unexpected = [k for k in params if k not in reference]
     if unexpected:
         names = list(reference)
@@ -111,22 +141,20 @@ def _check(
     wrong = [
         f"{k}: expected ({batch}, {', '.join(map(str, reference[k].shape))}), got {tuple(v.shape)}"
         for k, v in params.items()
-        if v.shape[1:] != reference[k].shape or v.dim() == 0 or v.shape[0] != batch
+        if v.dim() == 0 or v.shape[0] != batch or v.shape[1:] != reference[k].shape
     ]
     if wrong or batch == 0:
         raise ValueError(
             "params must have shape (B, *shape) with one B >= 1 for all: " + "; ".join(wrong or ["B == 0"])
         )
-    leaves = tree_flatten((args, kwargs))[0]
+    leaves = args if not kwargs and all(isinstance(a, Tensor) for a in args) else tree_flatten((args, kwargs))[0]
     bad = [tuple(t.shape) for t in leaves if isinstance(t, Tensor) and (t.dim() == 0 or t.shape[0] != batch)]
     if bad:
         raise ValueError(
             f"every tensor input must have the leading dimension B == {batch} of params, got shapes "
             f"{bad}; expand a shared input with t.expand({batch}, *t.shape)"
         )
-    names = {id(t): n for n, t in downstream.named_parameters()}
-    names.update({id(t): n for n, t in downstream.named_buffers()})
-    return batch, names
+    return batch, index.names
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -138,7 +166,7 @@ def _has_hooks(module: nn.Module) -> bool:
 
 def _forward(module: nn.Module, x: Tensor, ctx: _Context) -> Any:
     """One module on a batched input, by its fast path if it has one, else under vmap."""
-    if not _has_hooks(module) and not _global_hooks():
+    if ctx.fast and not _has_hooks(module):
         if type(module) is nn.Sequential:
             for child in module:
                 x = _forward(child, x, ctx)
