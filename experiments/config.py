@@ -174,7 +174,8 @@ class Config:
     sets_per_step: int = 1  # sets (datasets) per optimizer step
     hidden_sizes: list[int] = field(default_factory=lambda: [32, 64, 96])
     head: Literal["auto", "dense", "chunked", "lowrank"] = "auto"
-    pool_layers: int = 0  # MLP layers after the mean over the set (0: the original's plain mean)
+    pool: Literal["mean", "sum", "max", "attention"] = "mean"  # HyperNetwork's pool=
+    pool_layers: int = 0  # MLP layers after a mean pool (Deep Sets' rho); 0: the plain pool
     lr: float = 1e-3  # the hypernetwork's
     direct_lr: float = 1e-2  # the downstream trained directly
     cosine: bool = True  # cosine decay of both learning rates to 0
@@ -194,6 +195,8 @@ class Config:
                                       ("pool_layers", self.pool_layers)) if v < 0}
         if negative:
             raise ValueError(f"config: {negative} must be >= 0")
+        if self.pool_layers and self.pool != "mean":
+            raise ValueError(f"config.pool_layers > 0 needs pool='mean', got pool={self.pool!r}")
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:

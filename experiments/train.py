@@ -71,13 +71,14 @@ def prepare_out_dir(config: Config) -> Path:
 
 
 def resolve_device(name: str) -> torch.device:
+    r"""The config's device, or a clear error when CUDA is asked for but missing."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("config.device is 'cuda' but CUDA is not available; use --device=cpu")
     return torch.device(name)
 
 
 class MeanMLP(nn.Module):
-    r"""A set pool: the mean over the set, then an MLP (DeepSets' rho), ``(B, H) -> (H,)``.
+    r"""A set pool: the mean over the set, then an MLP (DeepSets' rho), ``(*, B, H) -> (*, H)``.
 
     References:
         | Deep Sets (Zaheer et al., 2017) https://arxiv.org/abs/1703.06114
@@ -88,12 +89,12 @@ class MeanMLP(nn.Module):
         self.mlp = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())])
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return self.mlp(e.mean(dim=0))
+        return self.mlp(e.mean(dim=-2))
 
 
 def build_models(config: Config, task: Task, device: torch.device) -> tuple[HyperNetwork, nn.ModuleList]:
     r"""The hypernetwork, and one directly trained copy of the downstream per training dataset."""
-    pool = MeanMLP(config.hidden_sizes[-1], config.pool_layers) if config.pool_layers else "mean"
+    pool = MeanMLP(config.hidden_sizes[-1], config.pool_layers) if config.pool_layers else config.pool
     hypernetwork = HyperNetwork(task.input_dim, config.hidden_sizes, task.downstream, head=config.head, pool=pool)
     direct = nn.ModuleList()
     for _ in range(task.num_datasets):
@@ -138,7 +139,11 @@ def train_step(
     return {k: v.item() for k, v in losses.items()}
 
 
-def checkpoint_state(step, hypernetwork, direct, optim, history, generator) -> dict[str, Any]:
+def checkpoint_state(
+    step: int, hypernetwork: nn.Module, direct: nn.ModuleList, optim: dict[str, Any],
+    history: dict[str, list[float]], generator: torch.Generator,
+) -> dict[str, Any]:
+    r"""Everything a resumed run needs to continue bit-identically after ``step`` steps."""
     return {
         "step": step,
         "models": {"hypernetwork": hypernetwork.state_dict(), "direct": direct.state_dict()},
@@ -149,7 +154,11 @@ def checkpoint_state(step, hypernetwork, direct, optim, history, generator) -> d
     }
 
 
-def restore_state(checkpoint, hypernetwork, direct, optim, generator) -> tuple[int, dict[str, list[float]]]:
+def restore_state(
+    checkpoint: dict[str, Any], hypernetwork: nn.Module, direct: nn.ModuleList, optim: dict[str, Any],
+    generator: torch.Generator,
+) -> tuple[int, dict[str, list[float]]]:
+    r"""Loads what :func:`checkpoint_state` saved; returns the step and the loss history."""
     hypernetwork.load_state_dict(checkpoint["models"]["hypernetwork"])
     direct.load_state_dict(checkpoint["models"]["direct"])
     for k, o in optim["optimizers"].items():
