@@ -111,6 +111,7 @@ def test_global_pools_are_local_without_a_process_group(pool, local):
     expected = torch.stack([local(s) for s in sets])
     torch.testing.assert_close(module(sets), expected, rtol=0, atol=0)
     torch.testing.assert_close(torch.vmap(module)(sets), expected, rtol=0, atol=0)
+    torch.testing.assert_close(module.local(sets), expected, rtol=0, atol=0)
 
 
 def test_global_pool_in_hypernetwork_is_registered_and_matches_local_mean():

@@ -40,17 +40,31 @@ Recipe for your own loop (run with ``torchrun --nproc_per_node=N train.py``, or 
         if process.is_main:
             torch.save(state, "checkpoint.pt")               # rank 0 writes
 
+Resuming: every rank builds the model and optimizer as above, then
+``load_full_state_dict(model, torch.load("checkpoint.pt", weights_only=True), optimizer)``.
+A checkpoint does not depend on the number of processes or on DDP versus FSDP2.
+
 Rules that make it exact:
 
 * The downstream holds no trainable parameters, so only the hypernetwork is wrapped, and
   ``functional_call(downstream, params, ...)`` runs outside the wrapper. Call the wrapper itself
-  (``model(x)``), not ``embed``/``generate``: DDP and FSDP2 act in its ``forward``.
+  (``model(x)``), not ``embed``/``generate``/``per_set``: DDP and FSDP2 act in its ``forward``.
+  To train ``per_set``, wrap a small module whose ``forward`` calls it.
 * Give every rank an equal share of the global batch and average the loss over the local share:
   DDP and FSDP2 average gradients over ranks, so the mean of the ranks' losses is the global mean.
+* Seed the data the same on every rank (each then takes its share); seed noise drawn inside the
+  loss (VAE samples, diffusion timesteps) differently per rank.
 * A global pool is a collective: every rank must call the hypernetwork equally often. It pools
   globally only in training mode; in ``eval()`` mode it pools over the set it is given, like
-  :class:`torch.nn.SyncBatchNorm`, so evaluation and plots on rank 0 alone do not hang.
+  :class:`torch.nn.SyncBatchNorm`, so evaluation and plots on rank 0 alone do not hang under
+  DDP. Under FSDP2 every call gathers shards, so rank 0 alone cannot call the wrapped model:
+  evaluate on every rank, or load ``full_state_dict(model)["model"]`` into an unwrapped copy.
 * Downstream buffers (BatchNorm running statistics) are updated per rank and are not synchronized.
+
+Failures: if a rank dies, the others fail in their next collective (or torchrun stops them) and
+torchrun reports which rank died; resume from the last checkpoint, by hand or with
+``torchrun --max-restarts=N``. :func:`setup` works around a PyTorch bug that makes ranks
+restarted by ``--max-restarts`` fail or hang in ``init_process_group``.
 """
 
 from __future__ import annotations
@@ -177,9 +191,14 @@ class GlobalMean(_GlobalPool):
         >>> hypernetwork = HyperNetwork(d, [64, 64], downstream, pool=GlobalMean())
     """
 
+    @staticmethod
+    def local(e: Tensor) -> Tensor:
+        r"""The pool of this rank's share alone, ``(*, B, H) -> (*, H)``, e.g. for sets of one."""
+        return e.mean(dim=-2)
+
     def forward(self, e: Tensor) -> Tensor:
         if not self._global(e):
-            return e.mean(dim=-2)
+            return self.local(e)
         sums = e.sum(dim=-2)
         count = torch.full((*sums.shape[:-1], 1), e.shape[-2], dtype=e.dtype, device=e.device)
         total = _AllReduceSum.apply(torch.cat([sums, count], dim=-1), self.group)
@@ -196,9 +215,14 @@ class GlobalSum(_GlobalPool):
         group: The process group to pool over; default: all ranks.
     """
 
+    @staticmethod
+    def local(e: Tensor) -> Tensor:
+        r"""The pool of this rank's share alone, ``(*, B, H) -> (*, H)``, e.g. for sets of one."""
+        return e.sum(dim=-2)
+
     def forward(self, e: Tensor) -> Tensor:
         if not self._global(e):
-            return e.sum(dim=-2)
+            return self.local(e)
         return _AllReduceSum.apply(e.sum(dim=-2), self.group)
 
 
@@ -213,9 +237,14 @@ class GlobalMax(_GlobalPool):
         group: The process group to pool over; default: all ranks.
     """
 
+    @staticmethod
+    def local(e: Tensor) -> Tensor:
+        r"""The pool of this rank's share alone, ``(*, B, H) -> (*, H)``, e.g. for sets of one."""
+        return e.amax(dim=-2)
+
     def forward(self, e: Tensor) -> Tensor:
         if not self._global(e):
-            return e.amax(dim=-2)
+            return self.local(e)
         return _AllReduceMax.apply(e.amax(dim=-2), self.group)
 
 
