@@ -239,3 +239,29 @@ def test_unet_under_plain_vmap_needs_vmap_compatible():
         got = torch.func.vmap(call)(params, x, t)
     want = torch.stack([call({k: v[i] for k, v in params.items()}, x[i], t[i]) for i in range(2)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["default", "downstream"])
+def test_many_sets_fold_scale_into_dense_head(init):
+    """With more sets than embedding features, the dense head's weights carry the per-tensor
+    scale and offset: same values and gradients as generating the sets one by one."""
+    module = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+    hyper = HyperNetwork(CONTEXT_DIM, [8], module, head="dense", init=init)
+    with torch.no_grad():
+        hyper.gain.uniform_(0.5, 1.5)  # make every tensor depend on the head
+    c = torch.randn(20, CONTEXT_DIM)  # 20 sets > 8 features: the folded path
+    folded = hyper.per_sample(c)
+    one_by_one = [hyper(c[i : i + 1]) for i in range(20)]
+    for name, value in folded.items():
+        torch.testing.assert_close(value, torch.stack([p[name] for p in one_by_one]))
+    weights = {n: torch.randn_like(v) for n, v in folded.items()}
+
+    def gradients(params_list) -> dict:
+        hyper.zero_grad()
+        sum((params[n] * weights[n][i]).sum() for i, params in enumerate(params_list) for n in params).backward()
+        return {n: p.grad.clone() for n, p in hyper.named_parameters()}
+
+    a = gradients([{n: v[i] for n, v in hyper.per_sample(c).items()} for i in range(20)])
+    b = gradients([hyper(c[i : i + 1]) for i in range(20)])
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-5)
