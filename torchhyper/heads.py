@@ -238,20 +238,46 @@ class LoRAHead(Head):
     def forward(self, z: Tensor) -> Tensor:
         batch = z.shape[:-1]
         c = self.coefficients(z).unflatten(-1, (len(self.shapes), self.rank)) / math.sqrt(self.rank)
-        noise = self.noise.split(self.numels)
+        lefts = [left * c[..., k, None, :] for k, left in enumerate(self.left)]  # (*, rows, r)
+        if not batch and not torch.compiler.is_compiling():
+            return _LowRankPlusBase.apply(self.noise, self.matrices, *lefts, *self.right)
         parts = []
-        for k, (rows, cols) in enumerate(self.matrices):
-            left = self.left[k] * c[..., k, None, :]  # (*, rows, r)
-            base = noise[k].view(rows, cols)
-            if not batch:
-                # One fused product writes the tensor and adds the base in a single pass; its
-                # backward computes B's gradient as left^T @ grad, the fast layout for small r.
-                part = torch.addmm(base, left, self.right[k].T)
-            else:
-                part = torch.baddbmm(base, left.flatten(0, -3), self.right[k].T.expand(
-                    left[..., 0, 0].numel(), -1, -1)).view(*batch, rows, cols)
+        for left, right, base, (rows, cols) in zip(
+            lefts, self.right, self.noise.split(self.numels), self.matrices
+        ):
+            part = torch.matmul(left, right.T) + base.view(rows, cols)
             parts.append(part.flatten(-2))
         return torch.cat(parts, dim=-1)
+
+    def assemble(self, z: Tensor, coef: Tensor, offset: Tensor, *, base: Tensor | None = None) -> Tensor:
+        r"""``offset + coef * self(z)`` tensor by tensor, fused: the hypernetwork's whole
+        assembly step without any extra pass over the ``N`` values.
+
+        ``coef * (xi + L R^T) = coef * xi + (coef L) R^T`` is written by one matrix product per
+        tensor, and backward reads the output gradient three times (for ``L``, ``R`` and
+        ``coef``) instead of materializing the head's gradient.
+
+        Args:
+            z: Normalized embeddings, ``(*, H)``.
+            coef: Per-tensor scales, ``(T,)``.
+            offset: Per-tensor offsets, ``(T,)``.
+            base: One value per entry, ``(N,)``, added instead of ``offset`` (the
+                hypernetwork's ``init="downstream"``).
+
+        Returns:
+            The generated values, ``(*, N)``.
+        """
+        batch = z.shape[:-1]
+        if batch or torch.compiler.is_compiling():
+            counts = torch.tensor(self.numels, device=coef.device)
+            full = torch.repeat_interleave(coef, counts, output_size=self.numel)
+            if base is None:
+                base = torch.repeat_interleave(offset, counts, output_size=self.numel)
+            return torch.addcmul(base, full, self(z))
+        c = self.coefficients(z).unflatten(-1, (len(self.shapes), self.rank)) / math.sqrt(self.rank)
+        lefts = [left * c[k, None, :] for k, left in enumerate(self.left)]
+        shift, per_entry = (offset, False) if base is None else (base, True)
+        return _Assemble.apply(self.noise, shift, coef, (self.matrices, per_entry), *lefts, *self.right)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -260,6 +286,94 @@ class LoRAHead(Head):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"
+
+
+class _LowRankPlusBase(torch.autograd.Function):
+    """``concat_k vec(base_k + L_k R_k^T)`` for one embedding, written into one output: no
+    ``torch.cat`` copy forward, views of the gradient backward, and ``R``'s gradient computed as
+    ``L^T G``, the fast layout when the rank is small."""
+
+    @staticmethod
+    def forward(ctx, base: Tensor, matrices: list[tuple[int, int]], *factors: Tensor) -> Tensor:
+        lefts, rights = factors[: len(matrices)], factors[len(matrices) :]
+        out = torch.empty_like(base)
+        start = 0
+        for (rows, cols), left, right in zip(matrices, lefts, rights):
+            end = start + rows * cols
+            if end > start:
+                view = out[start:end].view(rows, cols)
+                torch.addmm(base[start:end].view(rows, cols), left, right.T, out=view)
+            start = end
+        ctx.matrices = matrices
+        ctx.save_for_backward(*factors)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        matrices = ctx.matrices
+        factors = ctx.saved_tensors
+        lefts, rights = factors[: len(matrices)], factors[len(matrices) :]
+        needs = ctx.needs_input_grad[2:]
+        grad = grad.contiguous()
+        grad_lefts: list[Tensor | None] = []
+        grad_rights: list[Tensor | None] = []
+        start = 0
+        for k, ((rows, cols), left, right) in enumerate(zip(matrices, lefts, rights)):
+            g = grad[start : start + rows * cols].view(rows, cols)
+            start += rows * cols
+            grad_lefts.append(g @ right if needs[k] else None)
+            grad_rights.append((left.T @ g).T if needs[len(matrices) + k] else None)
+        return None, None, *grad_lefts, *grad_rights
+
+
+class _Assemble(torch.autograd.Function):
+    """``offset_k + coef_k (base_k + L_k R_k^T)`` for every tensor ``k``, one pass each."""
+
+    @staticmethod
+    def forward(ctx, base, offset, coef, layout, *factors):
+        matrices, per_entry = layout
+        lefts, rights = factors[: len(matrices)], factors[len(matrices) :]
+        out = torch.empty_like(base)
+        scales = coef.tolist()
+        shifts = None if per_entry else offset.tolist()
+        start = 0
+        for k, ((rows, cols), left, right) in enumerate(zip(matrices, lefts, rights)):
+            end = start + rows * cols
+            if end > start:
+                view = out[start:end].view(rows, cols)
+                noise = base[start:end].view(rows, cols)
+                if per_entry:
+                    torch.add(offset[start:end].view(rows, cols), noise, alpha=scales[k], out=view)
+                    view.addmm_(left, right.T, alpha=scales[k])
+                else:
+                    torch.addmm(noise, left, right.T, beta=scales[k], alpha=scales[k], out=view)
+                    if shifts[k] != 0.0:
+                        view.add_(shifts[k])
+            start = end
+        ctx.matrices = matrices
+        ctx.save_for_backward(base, coef, *factors)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        matrices = ctx.matrices
+        base, coef, *factors = ctx.saved_tensors
+        lefts, rights = factors[: len(matrices)], factors[len(matrices) :]
+        grad = grad.contiguous()
+        scales = coef.tolist()
+        grad_coef = torch.zeros_like(coef)
+        grad_lefts, grad_rights = [], []
+        start = 0
+        for k, ((rows, cols), left, right) in enumerate(zip(matrices, lefts, rights)):
+            end = start + rows * cols
+            g = grad[start:end].view(rows, cols)
+            gr = g @ right  # (rows, r)
+            grad_lefts.append(gr * scales[k])
+            grad_rights.append((left.T @ g).T * scales[k])
+            # <g, base + L R^T> = <g, base> + <L, g R>
+            grad_coef[k] = torch.dot(grad[start:end], base[start:end]) + (left * gr).sum()
+            start = end
+        return None, None, grad_coef, None, *grad_lefts, *grad_rights
 
 
 def _as_matrix(shape: torch.Size) -> tuple[int, int]:

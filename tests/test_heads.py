@@ -1,0 +1,226 @@
+"""Heads: parameter counts, the auto policy, the unit-variance contract, LoRAHead's fused paths,
+validation messages and edge cases; LoRAHead over the core test table."""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import pytest
+import test_model as core
+import torch
+from downstreams import CASES, IDS, Case
+from torch import nn
+
+from torchhyper import HyperNetwork
+from torchhyper.heads import (
+    ChunkedHead,
+    DenseHead,
+    LoRAHead,
+    LowRankHead,
+    _auto_head,
+    _make_head,
+    summary,
+)
+
+H = 12
+SHAPES = [(6, 5), (6,), (), (3, 2, 2), (7, 1)]
+FACTORIES = {
+    "dense": DenseHead,
+    "chunked": functools.partial(ChunkedHead, chunk_size=8),
+    "lowrank": functools.partial(LowRankHead, rank=3),
+    "lora": functools.partial(LoRAHead, rank=3),
+}
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_parameter_counts():
+    n = sum(torch.Size(s).numel() for s in SHAPES)  # 30 + 6 + 1 + 12 + 7 = 56
+    assert count(DenseHead(H, SHAPES)) == (H + 1) * n
+    chunked = ChunkedHead(H, SHAPES, chunk_size=8, embedding_dim=4, rank=5)
+    assert chunked.chunks == 7
+    assert count(chunked) == 7 * 4 + (H + 4 + 1) * 5 + 8 * 5 + 8
+    r = 3
+    rows_cols = (6 + 5) + (6 + 1) + (1 + 1) + (3 + 4) + (7 + 1)
+    assert count(LoRAHead(H, SHAPES, rank=r)) == r * rows_cols + (H + 1) * r * len(SHAPES)
+
+
+def test_auto_policy_thresholds():
+    assert isinstance(_auto_head(H, [(4096,)]), DenseHead)
+    assert isinstance(_auto_head(H, [(4097,)]), LoRAHead)
+    assert isinstance(_auto_head(H, [(64, 64), (64,)]), LoRAHead)
+    gmm = CASES[IDS.index("gmm")].build()
+    assert isinstance(HyperNetwork(1, [32, 64, 96], gmm).head, DenseHead)
+
+
+@pytest.mark.parametrize("input_dim", [2, 794])
+def test_auto_scales_seed_constructor(input_dim):
+    """Above 100 k generated values, the seed constructor's default stays under 0.25x."""
+    mlp = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    hyper = HyperNetwork(input_dim, [32, 64, 96], mlp)
+    assert isinstance(hyper.head, LoRAHead)
+    assert count(hyper) <= 0.25 * hyper.numel
+    assert "LoRAHead" in repr(hyper) and "rank=8" in repr(hyper)
+    text = summary(hyper)
+    assert text.splitlines()[0] == "head: LoRAHead(rank=8)"
+    assert f"{count(hyper):,} ({count(hyper) / hyper.numel:.3g}x generated)" in text
+    assert f"head {count(hyper.head):,}" in text
+
+
+def test_head_override():
+    mlp = nn.Sequential(nn.Linear(300, 300))
+    assert isinstance(HyperNetwork(4, [8], mlp, head="dense").head, DenseHead)
+    assert isinstance(HyperNetwork(4, [8], mlp, head=LoRAHead).head, LoRAHead)
+    hyper = HyperNetwork(4, [8], mlp, head=functools.partial(LoRAHead, rank=2))
+    assert hyper.head.rank == 2
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_unit_variance_contract(name):
+    """Given a normalized embedding, raw values have zero mean and unit variance at init."""
+    values = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        head = FACTORIES[name](H, SHAPES)
+        z = nn.functional.layer_norm(torch.randn(H), (H,))
+        with torch.no_grad():
+            values.append(head(z))
+    v = torch.stack(values)
+    assert v.shape == (40, head.numel)
+    assert abs(v.mean().item()) < 0.1
+    assert 0.9 < v.std().item() < 1.1
+
+
+def test_lora_is_exactly_standardized_base_at_init():
+    head = LoRAHead(H, SHAPES)
+    z = torch.randn(H)
+    values = head(z).split(head.numels)
+    for shape, v in zip(head.shapes, values):
+        if shape.numel() > 1:
+            torch.testing.assert_close(v.mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
+            torch.testing.assert_close(v.square().mean(), torch.tensor(1.0))
+    torch.testing.assert_close(head(z), head.noise, rtol=0, atol=0)  # B starts at zero
+    with torch.no_grad():
+        for right in head.right:
+            right.normal_()
+    assert not torch.allclose(head(z), head(torch.randn(H)))  # the update depends on z
+
+
+def test_lora_fused_paths_match_reference():
+    torch.manual_seed(0)
+    head = LoRAHead(5, SHAPES + [(2, 0, 3)], rank=2).double()
+    with torch.no_grad():
+        for right in head.right:
+            right.normal_()
+    z = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    t = len(head.shapes)
+    coef = torch.randn(t, dtype=torch.float64, requires_grad=True)
+    offset = torch.randn(t, dtype=torch.float64)
+    offset[1] = 0.0
+    base = torch.randn(head.numel, dtype=torch.float64)
+    counts = torch.tensor(head.numels)
+
+    def reference(z, coef, shift):
+        return shift + torch.repeat_interleave(coef, counts) * head(z)
+
+    # Fused (one embedding) against the unfused batched path, values and gradients.
+    batched = head(z.detach()[None].expand(3, 5))
+    torch.testing.assert_close(head(z.detach()), batched[1])
+    torch.testing.assert_close(head.assemble(z, coef, offset), reference(z, coef, torch.repeat_interleave(offset, counts)))
+    torch.testing.assert_close(head.assemble(z, coef, offset, base=base), reference(z, coef, base))
+    torch.testing.assert_close(head.assemble(z[None].expand(2, 5), coef, offset, base=base)[1], reference(z, coef, base))
+    params = list(head.parameters())
+    assert torch.autograd.gradcheck(lambda z, c, *p: head.assemble(z, c, offset), (z, coef, *params))
+    assert torch.autograd.gradcheck(lambda z, c, *p: head.assemble(z, c, offset, base=base), (z, coef, *params))
+    assert torch.autograd.gradcheck(lambda z, *p: head(z), (z, *params))
+
+
+def test_lora_state_dict_keeps_seed_not_noise():
+    head = LoRAHead(H, SHAPES)
+    state = head.state_dict()
+    assert "seed" in state and "noise" not in state
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    other = LoRAHead(H, SHAPES).double()
+    assert not torch.equal(other.noise.float(), head.noise)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    assert other.noise.dtype == torch.float64
+    torch.testing.assert_close(other.noise.float(), head.noise, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("factory", "error", "message"),
+    [
+        (functools.partial(LoRAHead, rank=0), ValueError, "rank must be a positive int, got 0"),
+        (functools.partial(LoRAHead, rank=True), ValueError, "rank must be a positive int, got True"),
+        (functools.partial(LowRankHead, rank=-1), ValueError, "rank must be a positive int, got -1"),
+        (functools.partial(ChunkedHead, chunk_size=0), ValueError, "chunk_size must be a positive int, got 0"),
+        (functools.partial(ChunkedHead, embedding_dim=2.5), ValueError, "embedding_dim must be a positive int, got 2.5"),
+    ],
+)
+def test_validation_messages(factory, error, message):
+    with pytest.raises(error, match=message):
+        factory(H, SHAPES)
+
+
+def test_make_head_and_summary_errors():
+    with pytest.raises(ValueError, match=r"head must be one of \['auto', 'chunked', 'dense', 'lowrank'\] or a callable, got 'lora2'"):
+        _make_head("lora2", H, SHAPES)
+    with pytest.raises(TypeError, match="head factory must return an nn.Module, got int"):
+        _make_head(lambda h, s: 3, H, SHAPES)
+    with pytest.raises(TypeError, match="hypernetwork must be a HyperNetwork .* got Linear"):
+        summary(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+@pytest.mark.parametrize("shapes", [[(5, 3)], [(17,)], [()], [(), ()], [(0, 3), (4,)], [(3, 3), (1025,)]],
+                         ids=["matrix", "odd-vector", "scalar", "two-scalars", "empty-tensor", "N%chunk!=0"])
+def test_shapes_edge_cases(name, shapes):
+    head = FACTORIES[name](H, shapes)
+    n = sum(torch.Size(s).numel() for s in shapes)
+    z = torch.randn(H, requires_grad=True)
+    out = head(z)
+    assert out.shape == (n,)
+    assert head(torch.randn(2, 3, H)).shape == (2, 3, n)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_chunked_chunk_size_larger_than_numel():
+    head = ChunkedHead(H, [(3,)], chunk_size=1024)
+    assert head.chunk_size == 3 and head.chunks == 1
+    head = ChunkedHead(H, [(10,)], chunk_size=4)
+    assert head.chunks == 3 and head(torch.randn(H)).shape == (10,)
+
+
+# LoRAHead over the core table (it is not a named head yet, see notes/issue-3.md).
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_lora_table_keys_shapes_gradients(case: Case):
+    core.test_keys_shapes_gradients_untouched(case, LoRAHead)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_lora_table_downstream_init(case: Case):
+    core.test_reference_downstream_init(case, LoRAHead)
+
+
+_SPEC_NOISE = pytest.mark.xfail(
+    strict=True,
+    reason="_spec describes weight_norm's g by the 7 values of one module: its scale estimate is "
+    "1.21x the population std, and LoRAHead's exactly standardized base does not hide it "
+    "(dense passes at 1.15x by its own sampling noise); see notes/issue-3.md",
+)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=_SPEC_NOISE) if c.name == "weight_norm" else c for c in CASES if c.name != "unet"],
+    ids=[i for i in IDS if i != "unet"],
+)
+def test_lora_table_init_std(case: Case):
+    core.test_init_std_matches_pytorch(case, LoRAHead)
