@@ -174,6 +174,7 @@ class Config:
     sets_per_step: int = 1  # sets (datasets) per optimizer step
     hidden_sizes: list[int] = field(default_factory=lambda: [32, 64, 96])
     head: Literal["auto", "dense", "chunked", "lowrank"] = "auto"
+    head_options: dict[str, int] = field(default_factory=dict)  # e.g. {"rank": 64} for a named head
     pool: Literal["mean", "sum", "max", "attention"] = "mean"  # HyperNetwork's pool=
     pool_layers: int = 0  # MLP layers after a mean pool (Deep Sets' rho); 0: the plain pool
     lr: float = 1e-3  # the hypernetwork's
@@ -195,6 +196,8 @@ class Config:
                                       ("pool_layers", self.pool_layers)) if v < 0}
         if negative:
             raise ValueError(f"config: {negative} must be >= 0")
+        if self.head_options and self.head == "auto":
+            raise ValueError("config.head_options needs a named head (dense, chunked, lowrank), not 'auto'")
         if self.pool_layers and self.pool != "mean":
             raise ValueError(f"config.pool_layers > 0 needs pool='mean', got pool={self.pool!r}")
 
@@ -206,6 +209,10 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         if value not in args:
             raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where} must be a JSON object, got {type(value).__name__} {value!r}")
+        return {k: _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise TypeError(f"{where} must be a JSON list, got {type(value).__name__} {value!r}")

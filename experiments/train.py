@@ -14,6 +14,7 @@ The run folder (``out_dir``) gets ``config.json`` (the resolved config), ``check
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from experiments.checkpoint import load_checkpoint, rng_state, save_checkpoint, 
 from experiments.config import Config, config_to_dict, load_config
 from experiments.tasks import Task, build_task
 from torchhyper import HyperNetwork
+from torchhyper.heads import HEADS
 
 __all__ = ["train", "main"]
 
@@ -95,7 +97,8 @@ class MeanMLP(nn.Module):
 def build_models(config: Config, task: Task, device: torch.device) -> tuple[HyperNetwork, nn.ModuleList]:
     r"""The hypernetwork, and one directly trained copy of the downstream per training dataset."""
     pool = MeanMLP(config.hidden_sizes[-1], config.pool_layers) if config.pool_layers else config.pool
-    hypernetwork = HyperNetwork(task.input_dim, config.hidden_sizes, task.downstream, head=config.head, pool=pool)
+    head = functools.partial(HEADS[config.head], **config.head_options) if config.head_options else config.head
+    hypernetwork = HyperNetwork(task.input_dim, config.hidden_sizes, task.downstream, head=head, pool=pool)
     direct = nn.ModuleList()
     for _ in range(task.num_datasets):
         direct.append(copy.deepcopy(task.downstream).requires_grad_(True))
