@@ -177,6 +177,9 @@ class Config:
     head_options: dict[str, int] = field(default_factory=dict)  # e.g. {"rank": 64} for a named head
     pool: Literal["mean", "sum", "max", "attention"] = "mean"  # HyperNetwork's pool=
     pool_layers: int = 0  # MLP layers after a mean pool (Deep Sets' rho); 0: the plain pool
+    # Under torchrun (experiments/distributed.py): the wrapper, and pooling over all ranks' shares.
+    distributed: Literal["ddp", "fsdp2"] = "ddp"
+    global_pool: bool = False
     lr: float = 1e-3  # the hypernetwork's
     direct_lr: float = 1e-2  # the downstream trained directly
     cosine: bool = True  # cosine decay of both learning rates to 0
@@ -200,6 +203,11 @@ class Config:
             raise ValueError("config.head_options needs a named head (dense, chunked, lowrank), not 'auto'")
         if self.pool_layers and self.pool != "mean":
             raise ValueError(f"config.pool_layers > 0 needs pool='mean', got pool={self.pool!r}")
+        if self.global_pool and (self.pool not in ("mean", "sum", "max") or self.pool_layers):
+            raise ValueError(
+                "config.global_pool needs pool='mean', 'sum' or 'max' and pool_layers=0, "
+                f"got pool={self.pool!r}, pool_layers={self.pool_layers}"
+            )
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:

@@ -28,14 +28,29 @@ from tqdm import tqdm
 
 from experiments.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from experiments.config import Config, config_to_dict, load_config
+from experiments.distributed import (
+    barrier,
+    global_pool,
+    hypernetwork_state,
+    init_processes,
+    load_hypernetwork_state,
+    local_share,
+    mean_over_ranks,
+    rank_rng_states,
+    report_failure,
+    seed_per_rank,
+    set_rank_rng_state,
+    unsharded,
+)
 from experiments.tasks import Task, build_task
 from torchhyper import HyperNetwork
+from torchhyper.distributed import cleanup, wrap
 from torchhyper.heads import HEADS
 
 __all__ = ["train", "main"]
 
 # Fields that may differ between a run and its resumption.
-_RESUMABLE = {"resume", "device", "threads"}
+_RESUMABLE = {"resume", "device", "threads", "distributed"}
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -97,6 +112,8 @@ class MeanMLP(nn.Module):
 def build_models(config: Config, task: Task, device: torch.device) -> tuple[HyperNetwork, nn.ModuleList]:
     r"""The hypernetwork, and one directly trained copy of the downstream per training dataset."""
     pool = MeanMLP(config.hidden_sizes[-1], config.pool_layers) if config.pool_layers else config.pool
+    if config.global_pool:
+        pool = global_pool(config.pool)  # the same reduction, over every rank's share of the set
     head = functools.partial(HEADS[config.head], **config.head_options) if config.head_options else config.head
     hypernetwork = HyperNetwork(task.input_dim, config.hidden_sizes, task.downstream, head=head, pool=pool)
     direct = nn.ModuleList()
@@ -125,10 +142,12 @@ def train_step(
     r"""One optimizer step of each model on ``sets_per_step`` sets drawn from the task.
 
     The hypernetwork reads each set and generates the downstream's parameters for it; the
-    direct copy of the set's dataset is trained on the very same set.
+    direct copy of the set's dataset is trained on the very same set. Under torchrun every rank
+    draws the same sets and the hypernetwork trains on this rank's share of each.
     """
     sets = [task.sample(generator) for _ in range(config.sets_per_step)]
-    hyper_loss = sum(task.loss(hypernetwork(batch), batch) for _, batch in sets) / len(sets)
+    shares = [local_share(batch) for _, batch in sets]
+    hyper_loss = sum(task.loss(hypernetwork(share), share) for share in shares) / len(sets)
     losses = {"hypernetwork": hyper_loss}
     if len(direct):
         losses["direct"] = sum(
@@ -146,14 +165,21 @@ def checkpoint_state(
     step: int, hypernetwork: nn.Module, direct: nn.ModuleList, optim: dict[str, Any],
     history: dict[str, list[float]], generator: torch.Generator,
 ) -> dict[str, Any]:
-    r"""Everything a resumed run needs to continue bit-identically after ``step`` steps."""
+    r"""Everything a resumed run needs to continue bit-identically after ``step`` steps.
+
+    Every rank calls it (the hypernetwork's state is gathered unsharded, whatever the wrapper);
+    rank 0's is complete and is the one saved.
+    """
+    full = hypernetwork_state(hypernetwork, optim["optimizers"]["hypernetwork"])
     return {
         "step": step,
-        "models": {"hypernetwork": hypernetwork.state_dict(), "direct": direct.state_dict()},
-        "optimizers": {k: o.state_dict() for k, o in optim["optimizers"].items()},
+        "models": {"hypernetwork": full["model"], "direct": direct.state_dict()},
+        "optimizers": {k: full["optimizer"] if k == "hypernetwork" else o.state_dict()
+                       for k, o in optim["optimizers"].items()},
         "schedulers": {k: s.state_dict() for k, s in optim["schedulers"].items()},
         "history": history,
         "rng": rng_state(generator),
+        "rng_ranks": rank_rng_states(),
     }
 
 
@@ -162,49 +188,65 @@ def restore_state(
     generator: torch.Generator,
 ) -> tuple[int, dict[str, list[float]]]:
     r"""Loads what :func:`checkpoint_state` saved; returns the step and the loss history."""
-    hypernetwork.load_state_dict(checkpoint["models"]["hypernetwork"])
-    direct.load_state_dict(checkpoint["models"]["direct"])
+    load_hypernetwork_state(hypernetwork, optim["optimizers"]["hypernetwork"], checkpoint)
+    if len(direct):
+        direct.load_state_dict(checkpoint["models"]["direct"])
     for k, o in optim["optimizers"].items():
-        o.load_state_dict(checkpoint["optimizers"][k])
+        if k != "hypernetwork":
+            o.load_state_dict(checkpoint["optimizers"][k])
     for k, s in optim["schedulers"].items():
         s.load_state_dict(checkpoint["schedulers"][k])
     set_rng_state(checkpoint["rng"], generator)
+    set_rank_rng_state(checkpoint)
     return checkpoint["step"], checkpoint["history"]
 
 
 def train(config: Config) -> dict[str, Any]:
     r"""Runs one experiment from its config; returns its metrics (also in ``out_dir/metrics.json``)."""
-    out = prepare_out_dir(config)
+    process = init_processes(config, resolve_device(config.device))  # under torchrun: joins the others
+    out = prepare_out_dir(config) if process.is_main else Path(config.out_dir)
+    barrier()
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+    device = process.device
     torch.manual_seed(config.seed)
 
     task = build_task(config, device)
     hypernetwork, direct = build_models(config, task, device)
+    model = wrap(hypernetwork, strategy=config.distributed)  # as is with one process
+    if not process.is_main:
+        direct = nn.ModuleList()  # the directly trained baseline is rank 0's
     optim = build_optimizers(config, hypernetwork, direct)
+    seed_per_rank(config, process)
     generator = torch.Generator().manual_seed(config.seed)  # draws the training sets
     history: dict[str, list[float]] = {k: [] for k in optim["optimizers"]}
-    start = 0
+    first = 0
     if config.resume:
         checkpoint = load_checkpoint(out / "checkpoint.pt", map_location=device)
-        start, history = restore_state(checkpoint, hypernetwork, direct, optim, generator)
+        first, history = restore_state(checkpoint, model, direct, optim, generator)
 
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.experiment,
-               dynamic_ncols=True, mininterval=1.0)
-    for step in bar:
-        losses = train_step(config, task, hypernetwork, direct, optim, generator)
-        for k, v in losses.items():
-            history[k].append(v)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            state = checkpoint_state(step + 1, hypernetwork, direct, optim, history, generator)
-            save_checkpoint(out / "checkpoint.pt", state)
+    bar = tqdm(range(first, config.steps), initial=first, total=config.steps, desc=config.experiment,
+               dynamic_ncols=True, mininterval=1.0, disable=not process.is_main)
+    with report_failure(out / "checkpoint.pt"):
+        for step in bar:
+            losses = train_step(config, task, model, direct, optim, generator)
+            losses["hypernetwork"] = mean_over_ranks(losses["hypernetwork"])
+            for k, v in losses.items():
+                history[k].append(v)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                state = checkpoint_state(step + 1, model, direct, optim, history, generator)
+                if process.is_main:
+                    save_checkpoint(out / "checkpoint.pt", state)
     bar.close()
 
+    evaluated = unsharded(model, hypernetwork, lambda: build_models(config, task, device)[0])
+    cleanup()
+    if not process.is_main:
+        return {}  # evaluation, plots and metrics are rank 0's
     torch.manual_seed(config.seed + 1)  # evaluation draws the same numbers, resumed or not
-    hypernetwork.eval()
-    metrics = task.finish(hypernetwork, direct, history, out)
+    evaluated.eval()
+    metrics = task.finish(evaluated, direct, history, out)
     metrics = {"experiment": config.experiment, "amortized": config.amortized, "steps": config.steps, **metrics}
     write_json(out / "metrics.json", metrics)
     return metrics
@@ -216,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("usage: python -m experiments.train CONFIG.json [--key=value ...]")
     config = load_config(args[0], args[1:])
     metrics = train(config)
-    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
+    if metrics:  # rank 0's (other ranks return none)
+        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
     return metrics
 
 

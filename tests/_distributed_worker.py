@@ -74,7 +74,10 @@ def parse() -> argparse.Namespace:
         "--kill-rank", type=int, default=None, help="test: this rank SIGKILLs itself"
     )
     parser.add_argument(
-        "--kill-at", type=int, default=None, help="test: ... at this step, unless resumed"
+        "--kill-at",
+        type=int,
+        default=None,
+        help="test: ... at this step, unless torchrun restarted it",
     )
     parser.add_argument(
         "--check-pools", action="store_true", help="test: save one step's gradients per pool"
@@ -143,7 +146,8 @@ def train(args: argparse.Namespace, process: Process, progress: dict) -> None:
     progress["checkpoint"] = (checkpoint, start) if start else None
     for step in range(start, args.steps):
         progress["step"] = step
-        if step == args.kill_at and process.rank == args.kill_rank and start == 0:
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if step == args.kill_at and process.rank == args.kill_rank and first_attempt:
             os.kill(os.getpid(), signal.SIGKILL)
         u, y = local_share(process, *global_batch(step, args.batch, args.seed))
         loss = loss_on(model, downstream, u, y)

@@ -7,6 +7,7 @@ what the ranks write. The first tests need no process group.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -33,7 +34,6 @@ from torchhyper.distributed import (
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 # Enough for the worker to learn; the checkpoint every 3 steps lands before the kill at step 5.
 RUN = ["--steps=10", "--checkpoint-every=3"]
-KILL = ["--kill-rank=1", "--kill-at=5"]
 
 needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -238,8 +238,8 @@ def test_fsdp2_shards_parameters_and_matches_ddp(tmp_path, ddp):
 
 
 @needs_gloo
-def test_killed_rank_stops_the_run_with_a_clear_message_then_resumes(tmp_path, ddp):
-    failed = launch(tmp_path, *RUN, *KILL)
+def test_killed_rank_stops_the_run_then_it_resumes_by_hand_and_with_max_restarts(tmp_path, ddp):
+    failed = launch(tmp_path, *RUN, "--kill-rank=1", "--kill-at=5")
     assert failed.returncode != 0
     # torchrun names the rank that died; the survivor says where training stopped and what to do.
     assert "Signal 9 (SIGKILL) received" in failed.stderr
@@ -249,15 +249,62 @@ def test_killed_rank_stops_the_run_with_a_clear_message_then_resumes(tmp_path, d
     assert not (tmp_path / "final.pt").exists()
     assert load(tmp_path / "checkpoint.pt")["step"] == 3
 
-    resumed = ok(launch(tmp_path, *RUN, *KILL))
+    # Again by hand, now with --max-restarts=1: it resumes at step 3, rank 1 dies at step 8,
+    # torchrun restarts both ranks, they resume at step 6 and finish.
+    resumed = ok(launch(tmp_path, *RUN, "--kill-rank=1", "--kill-at=8", restarts=1))
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+    assert "at step 6" in resumed.stdout
     final, uninterrupted = load(tmp_path / "final.pt"), load(ddp / "final.pt")
     assert all(torch.equal(final[k], uninterrupted[k]) for k in uninterrupted)
+
+
+# The experiments' trainer, unchanged, under torchrun.
+
+ROOT = Path(__file__).resolve().parents[1]
+GMM = [
+    str(ROOT / "experiments" / "configs" / "gmm.json"),
+    "--steps=4",
+    "--batch_size=64",
+    "--task.n_train=64",
+    "--task.mc_samples=500",
+    "--checkpoint_every=2",
+    "--global_pool=true",
+]
 
 
 @needs_gloo
-def test_torchrun_max_restarts_resumes_from_the_checkpoint(tmp_path, ddp):
-    run = ok(launch(tmp_path, *RUN, *KILL, restarts=1))
-    assert "resumed from" in run.stdout and "at step 3" in run.stdout
-    final, uninterrupted = load(tmp_path / "final.pt"), load(ddp / "final.pt")
-    assert all(torch.equal(final[k], uninterrupted[k]) for k in uninterrupted)
+def test_experiments_trainer_under_torchrun_equals_one_process(tmp_path):
+    # FSDP2, the path with the most trainer code (DDP runs the same code minus the unsharded
+    # copy for evaluation; the library's DDP is tested above).
+    strategy = "fsdp2"
+    sys.path.insert(0, str(ROOT))
+    from experiments import train as trainer
+
+    one = trainer.main([*GMM, f"--out_dir={tmp_path / 'one'}"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = [*GMM, f"--out_dir={tmp_path / 'two'}", f"--distributed={strategy}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    ok(subprocess.run([*cmd, "-m", "experiments.train", *args], cwd=ROOT, env=env,
+                      capture_output=True, text=True, timeout=180))  # fmt: skip
+
+    # Rank 0 alone wrote the run folder: one config, checkpoint, plot and metrics file.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "checkpoint.pt", "config.json", "gmm.png", "metrics.json",
+    ]  # fmt: skip
+    single, double = (
+        load(tmp_path / "one" / "checkpoint.pt"),
+        load(tmp_path / "two" / "checkpoint.pt"),
+    )
+    # Global pooling over 2 shares of each set of 64: the same hypernetwork as on 1 process.
+    assert max_diff(double["models"]["hypernetwork"], single["models"]["hypernetwork"]) <= 1e-6
+    assert max_diff(double["models"]["direct"], single["models"]["direct"]) == 0  # rank 0's
+    torch.testing.assert_close(
+        torch.tensor(double["history"]["hypernetwork"]),
+        torch.tensor(single["history"]["hypernetwork"]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["kl_direct"] == one["kl_direct"]
+    assert abs(metrics["kl_hypernetwork"] - one["kl_hypernetwork"]) <= 1e-5
