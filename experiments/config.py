@@ -203,11 +203,8 @@ class Config:
             raise ValueError("config.head_options needs a named head (dense, chunked, lowrank), not 'auto'")
         if self.pool_layers and self.pool != "mean":
             raise ValueError(f"config.pool_layers > 0 needs pool='mean', got pool={self.pool!r}")
-        if self.global_pool and (self.pool not in ("mean", "sum", "max") or self.pool_layers):
-            raise ValueError(
-                "config.global_pool needs pool='mean', 'sum' or 'max' and pool_layers=0, "
-                f"got pool={self.pool!r}, pool_layers={self.pool_layers}"
-            )
+        if self.global_pool and self.pool not in ("mean", "sum", "max"):
+            raise ValueError(f"config.global_pool needs pool='mean', 'sum' or 'max', got pool={self.pool!r}")
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:

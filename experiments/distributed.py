@@ -70,8 +70,17 @@ def _world() -> tuple[int, int]:
 
 def init_processes(config: Any, device: torch.device) -> Process:
     r"""Joins the process group when launched by torchrun (else rank 0 of 1), and turns on
-    ``config.resume`` when torchrun restarted the workers and a checkpoint exists."""
+    ``config.resume`` when torchrun restarted the workers and a checkpoint exists.
+
+    Raises:
+        ValueError: ``config.batch_size`` is not divisible by the number of processes.
+    """
     process = setup(device=device)
+    if config.batch_size % process.world_size:
+        raise ValueError(
+            f"config.batch_size ({config.batch_size}) must be divisible by the number of processes "
+            f"({process.world_size}), so that every rank trains on an equal share of each set"
+        )
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if restarted and (Path(config.out_dir) / "checkpoint.pt").is_file():
         config.resume = True

@@ -101,19 +101,22 @@ class MeanMLP(nn.Module):
         | Deep Sets (Zaheer et al., 2017) https://arxiv.org/abs/1703.06114
     """
 
-    def __init__(self, width: int, layers: int) -> None:
+    def __init__(self, width: int, layers: int, *, mean: nn.Module | None = None) -> None:
         super().__init__()
         self.mlp = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())])
+        self.mean = mean  # e.g. the mean over every rank's share of the set
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return self.mlp(e.mean(dim=-2))
+        return self.mlp(e.mean(dim=-2) if self.mean is None else self.mean(e))
 
 
 def build_models(config: Config, task: Task, device: torch.device) -> tuple[HyperNetwork, nn.ModuleList]:
     r"""The hypernetwork, and one directly trained copy of the downstream per training dataset."""
-    pool = MeanMLP(config.hidden_sizes[-1], config.pool_layers) if config.pool_layers else config.pool
-    if config.global_pool:
-        pool = global_pool(config.pool)  # the same reduction, over every rank's share of the set
+    reduce = global_pool(config.pool) if config.global_pool else None  # over every rank's share
+    if config.pool_layers:
+        pool = MeanMLP(config.hidden_sizes[-1], config.pool_layers, mean=reduce)
+    else:
+        pool = config.pool if reduce is None else reduce
     head = functools.partial(HEADS[config.head], **config.head_options) if config.head_options else config.head
     hypernetwork = HyperNetwork(task.input_dim, config.hidden_sizes, task.downstream, head=head, pool=pool)
     direct = nn.ModuleList()
