@@ -52,6 +52,8 @@ def test_auto_policy_thresholds():
     assert isinstance(_auto_head(H, [(4096,)]), DenseHead)
     assert isinstance(_auto_head(H, [(4097,)]), LoRAHead)
     assert isinstance(_auto_head(H, [(64, 64), (64,)]), LoRAHead)
+    assert _auto_head(H, [(64, 64), (64,)]).rank == 2  # 4160 / 8 // ((64 + 64 + 13) + (64 + 1 + 13))
+    assert _auto_head(H, [(1000, 1000)]).rank == 16  # capped
     gmm = CASES[IDS.index("gmm")].build()
     assert isinstance(HyperNetwork(1, [32, 64, 96], gmm).head, DenseHead)
 
@@ -63,9 +65,10 @@ def test_auto_scales_seed_constructor(input_dim):
     hyper = HyperNetwork(input_dim, [32, 64, 96], mlp)
     assert isinstance(hyper.head, LoRAHead)
     assert count(hyper) <= 0.25 * hyper.numel
-    assert "LoRAHead" in repr(hyper) and "rank=8" in repr(hyper)
+    assert hyper.head.rank == 11  # the largest within 0.125x: 11 * 2919 <= 269322 / 8 < 12 * 2919
+    assert "LoRAHead" in repr(hyper) and "rank=11" in repr(hyper)
     text = summary(hyper)
-    assert text.splitlines()[0] == "head: LoRAHead(rank=8)"
+    assert text.splitlines()[0] == "head: LoRAHead(rank=11)"
     assert f"{count(hyper):,} ({count(hyper) / hyper.numel:.3g}x generated)" in text
     assert f"head {count(hyper.head):,}" in text
 

@@ -405,14 +405,22 @@ HEADS: dict[str, HeadFactory] = {
 # Up to this many generated values, head="auto" takes the dense head: at most about 400 k
 # parameters for H = 96, the fastest to train and the best at fitting (a GMM, a small flow).
 _AUTO_DENSE_MAX = 4096
+# Above it, LoRAHead with the largest rank up to _AUTO_MAX_RANK whose parameters stay within
+# _AUTO_HEAD_SHARE of the generated values: the rest of the 0.25x budget is the encoder's.
+_AUTO_MAX_RANK = 16
+_AUTO_HEAD_SHARE = 0.125
 
 
 def _auto_head(in_features: int, shapes: Sequence[Sequence[int]]) -> Head:
-    """``head="auto"``: dense for at most ``_AUTO_DENSE_MAX`` values, else :class:`LoRAHead`."""
-    numel = sum(torch.Size(s).numel() for s in shapes)
+    """``head="auto"``: dense for at most ``_AUTO_DENSE_MAX`` values, else :class:`LoRAHead`
+    with the largest rank (at most 16) that keeps it within 0.125x the generated values."""
+    sizes = [torch.Size(s) for s in shapes]
+    numel = sum(s.numel() for s in sizes)
     if numel <= _AUTO_DENSE_MAX:
         return DenseHead(in_features, shapes)
-    return LoRAHead(in_features, shapes)
+    per_rank = sum(sum(_as_matrix(s)) + in_features + 1 for s in sizes)
+    rank = int(min(_AUTO_MAX_RANK, max(1, _AUTO_HEAD_SHARE * numel // per_rank)))
+    return LoRAHead(in_features, shapes, rank=rank)
 
 
 def summary(hypernetwork: nn.Module) -> str:

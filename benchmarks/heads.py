@@ -1,0 +1,355 @@
+"""Heads against training the downstream directly: step time, size, peak memory and quality.
+
+Every hypernetwork is the seed constructor ``HyperNetwork(input_dim, [32, 64, 96], downstream,
+head=...)`` trained with Adam(lr=1e-3) on a set-conditioned task: the hypernetwork reads a batch
+of 128 (x, y) pairs of one task (mean pooling) and the downstream's loss is taken on the same
+batch; "direct" trains the downstream's own weights with the same optimizer on the same batches.
+
+Task (the data set decides the best weights): x ~ N(0, I), y = s * (W x) + b with W a fixed random
+map shared by all tasks and, per task, s ~ U(0.5, 1.5)^out and b ~ N(0, I). Direct training cannot
+see the task: its best loss is about 1.08. Held-out loss: fresh tasks, the hypernetwork reads 128
+pairs, the loss is taken on 512 other inputs of the same task.
+
+    python benchmarks/heads.py --quick          # a few minutes on 2 shared CPU cores
+    python benchmarks/heads.py                  # the full run (tens of minutes)
+    python benchmarks/heads.py --generate=proposed   # with the model.py assembly fix (see below)
+
+``--generate=proposed`` replaces, on each hypernetwork instance, ``generate`` by a per-tensor
+assembly (``addcmul`` per tensor instead of two ``repeat_interleave`` over all N values), the
+change to model.py proposed in notes/issue-3.md; the default measures model.py as it is.
+
+Peak memory: each variant runs in a fresh subprocess (Linux): after imports, data and the
+downstream are built, we reset the process's peak resident set size (``/proc/self/clear_refs``),
+build the variant, run a few training steps, and report the peak (``VmHWM``) minus the resident
+size before: the memory the variant's model, optimizer state and activations add at their peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from torchhyper import HyperNetwork
+from torchhyper.heads import ChunkedHead, DenseHead, LoRAHead, LowRankHead
+
+HIDDEN = [32, 64, 96]
+BATCH = 128
+MLPS = {
+    "mlp-269k": [784, 256, 256, 10],
+    "mlp-1m": [784, 1024, 256, 10],
+    "mlp-5m": [784, 2048, 1536, 10],
+}
+HEADS = {
+    "dense": DenseHead,
+    "chunked": ChunkedHead,
+    "lowrank": LowRankHead,
+    "auto": "auto",
+    "lora-r4": functools.partial(LoRAHead, rank=4),
+    "lora-r16": functools.partial(LoRAHead, rank=16),
+}
+# The dense head of the 5 M MLP and of the UNet needs 7.8 GB and 17 GB with Adam: skipped.
+DENSE_MAX_BYTES = 3e9
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def unet() -> nn.Module:
+    """The size of the original torchhyper's MNIST DDPM (configs/hypernet_mnist_ddpm.json:
+    block channels 64,128,192, 2 layers per block, attention head dim 8); its block types are
+    not in that config, so we take diffusers' usual (Down, AttnDown, AttnDown): 10.7 M parameters."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=28,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(64, 128, 192),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,
+    )
+
+
+def proposed_generate(self, z: Tensor) -> dict[str, Tensor]:
+    """model.py's generate as proposed in notes/issue-3.md: a head with an ``assemble`` method
+    (LoRAHead) applies offset and scale itself, fused; any other head gets a per-tensor assembly
+    (no repeat_interleave over all N values, whose backward is an index_add_ over N values)."""
+    z = self.norm(z)
+    batch = z.shape[:-1]
+    coef = self.scale * self.gain
+    if hasattr(self.head, "assemble"):
+        values = self.head.assemble(z, coef, self.offset, base=self.base).split(self.numels, -1)
+    else:
+        h = self.head(z).split(self.numels, dim=-1)
+        offsets = self.offset.unbind() if self.base is None else self.base.split(self.numels)
+        values = [torch.addcmul(o, v, c) for v, c, o in zip(h, coef.unbind(), offsets)]
+    return {name: v.view(batch + shape) for name, v, shape in zip(self.names, values, self.shapes)}
+
+
+class Variant:
+    """One way to train the downstream: directly, or through a hypernetwork with a given head."""
+
+    def __init__(self, name: str, downstream: nn.Module, make_batch, *, generate: str) -> None:
+        self.name = name
+        self.downstream = downstream
+        self.make_batch = make_batch
+        if name == "direct":
+            self.trained = downstream
+        else:
+            downstream.requires_grad_(False)
+            features = make_batch()[2].shape[1]
+            self.hyper = HyperNetwork(features, HIDDEN, downstream, head=HEADS[name])
+            if generate == "proposed":
+                self.hyper.generate = types.MethodType(proposed_generate, self.hyper)
+            self.trained = self.hyper
+        self.optimizer = torch.optim.Adam(self.trained.parameters(), lr=1e-3)
+
+    def params(self) -> int:
+        return sum(p.numel() for p in self.trained.parameters())
+
+    def predict(self, inputs: tuple, context: Tensor, query: tuple) -> Tensor:
+        if self.name == "direct":
+            return self.downstream(*query)
+        return functional_call(self.downstream, self.hyper(context), query)
+
+    def step(self, batch) -> float:
+        inputs, target, context = batch
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.predict(inputs, context, inputs)
+        out = out.sample if hasattr(out, "sample") else out
+        loss = (out - target).square().mean()
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+class Tasks:
+    """y = s * (W x) + b, with W shared and (s, b) drawn per task."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.weight = torch.randn(d_out, d_in, generator=g) / d_in**0.5
+        self.d_in, self.d_out = d_in, d_out
+
+    def sample(self, g: torch.Generator, support: int = BATCH, query: int = 512):
+        s = torch.rand(self.d_out, generator=g) + 0.5
+        b = torch.randn(self.d_out, generator=g)
+
+        def draw(n: int):
+            x = torch.randn(n, self.d_in, generator=g)
+            return x, (x @ self.weight.T) * s + b
+
+        x, y = draw(support)
+        xq, yq = draw(query)
+        return (x,), y, torch.cat([x, y], dim=1), (xq,), yq
+
+
+def build(name: str, batch: int):
+    """(downstream factory, batch maker) for a downstream name."""
+    if name in MLPS:
+        sizes = MLPS[name]
+        tasks = Tasks(sizes[0], sizes[-1])
+        g = torch.Generator().manual_seed(1)
+
+        def make_batch():
+            inputs, y, context, _, _ = tasks.sample(g, support=batch, query=1)
+            return inputs, y, context
+
+        return (lambda: mlp(sizes)), make_batch
+    if name == "unet":
+        g = torch.Generator().manual_seed(1)
+
+        def make_batch():
+            x = torch.randn(batch, 1, 28, 28, generator=g)
+            t = torch.randint(0, 1000, (batch,), generator=g)
+            noise = torch.randn(batch, 1, 28, 28, generator=g)
+            # A denoising-style target; the hypernetwork reads the set of noisy images.
+            return (x, t), noise, x.flatten(1)
+
+        return unet, make_batch
+    raise ValueError(f"unknown downstream {name!r}")
+
+
+def fits(name: str, numel: int) -> bool:
+    return name != "dense" or (HIDDEN[-1] + 1) * numel * 16 <= DENSE_MAX_BYTES
+
+
+def timing(ds_name: str, heads: list[str], rounds: int, steps: int, batch: int, generate: str):
+    factory, make_batch = build(ds_name, batch)
+    torch.manual_seed(0)
+    numel = sum(p.numel() for p in factory().parameters())
+    variants = [Variant("direct", factory(), make_batch, generate=generate)]
+    variants += [
+        Variant(h, factory(), make_batch, generate=generate) for h in heads if fits(h, numel)
+    ]
+    data = [make_batch() for _ in range(steps)]
+    for v in variants:  # warm up
+        v.step(data[0])
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    for _ in range(rounds):  # interleaved rounds
+        for v in variants:
+            start = time.perf_counter()
+            for b in data:
+                v.step(b)
+            times[v.name].append((time.perf_counter() - start) / steps)
+    direct = times["direct"]
+    rows = {}
+    for v in variants:
+        ratios = [t / d for t, d in zip(times[v.name], direct)]
+        rows[v.name] = {
+            "ms": 1e3 * statistics.median(times[v.name]),
+            "ratio": statistics.median(ratios),
+            "params": v.params() / numel,
+            "head": v.params() - sum(p.numel() for p in v.hyper.encoder.parameters())
+            if v.name != "direct" else 0,
+            "repr": _describe_head(v.hyper.head) if v.name != "direct" else "-",
+        }
+    return numel, rows
+
+
+def _describe_head(head: nn.Module) -> str:
+    rank = getattr(head, "rank", None)
+    return type(head).__name__ + (f" r={rank}" if rank is not None else "")
+
+
+def memory_child(ds_name: str, head: str, batch: int, generate: str, steps: int) -> None:
+    factory, make_batch = build(ds_name, batch)
+    data = [make_batch() for _ in range(steps)]
+    torch.manual_seed(0)
+    downstream = factory()
+    before = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident set size (VmHWM) to the current one
+    v = Variant(head, downstream, make_batch, generate=generate)
+    for b in data:
+        v.step(b)
+    print(json.dumps({"before_mb": before, "peak_mb": _status("VmHWM")}))
+
+
+def _status(field: str) -> float:
+    """A field of /proc/self/status, in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory(ds_name: str, heads: list[str], batch: int, generate: str, steps: int, numel: int):
+    rows = {}
+    for head in ["direct", *heads]:
+        if not fits(head, numel):
+            continue
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", ds_name, head, f"--batch={batch}",
+             f"--generate={generate}", f"--memory-steps={steps}"],
+            capture_output=True, text=True, check=True,
+        )
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows[head] = r["peak_mb"] - r["before_mb"]
+    return rows
+
+
+def quality(ds_name: str, heads: list[str], steps: int, generate: str, eval_tasks: int):
+    sizes = MLPS[ds_name]
+    tasks = Tasks(sizes[0], sizes[-1])
+    numel = sum(p.numel() for p in mlp(sizes).parameters())
+    rows = {}
+    for head in ["direct", *heads]:
+        if not fits(head, numel):
+            continue
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(1)
+
+        def make_batch(g=g):
+            inputs, y, context, _, _ = tasks.sample(g, query=1)
+            return inputs, y, context
+
+        v = Variant(head, mlp(sizes), make_batch, generate=generate)
+        start = time.perf_counter()
+        for _ in range(steps):
+            v.step(make_batch())
+        seconds = time.perf_counter() - start
+        held = torch.Generator().manual_seed(12345)
+        losses = []
+        with torch.no_grad():
+            for _ in range(eval_tasks):
+                inputs, _, context, query, yq = tasks.sample(held)
+                losses.append((v.predict(inputs, context, query) - yq).square().mean().item())
+        rows[head] = {"loss": statistics.mean(losses), "seconds": seconds}
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and steps")
+    parser.add_argument("--downstreams", default="mlp-269k,mlp-1m,mlp-5m,unet")
+    parser.add_argument("--heads", default="dense,chunked,lowrank,auto,lora-r4,lora-r16")
+    parser.add_argument("--generate", choices=["current", "proposed"], default="current")
+    parser.add_argument("--parts", default="time,memory,quality")
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--memory-child", nargs=2, metavar=("DOWNSTREAM", "HEAD"))
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, help="quality: training steps (300 quick, 1000 full)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.memory_child:
+        memory_child(*args.memory_child, args.batch, args.generate, args.memory_steps)
+        return
+    heads = args.heads.split(",")
+    parts = args.parts.split(",")
+    rounds, steps, train_steps = (3, 3, 300) if args.quick else (7, 5, 1000)
+    train_steps = args.train_steps or train_steps
+    print(f"# Heads vs direct training (CPU, 1 thread, generate={args.generate}, "
+          f"{'quick' if args.quick else 'full'})\n")
+    for ds_name in args.downstreams.split(","):
+        big = ds_name == "unet"
+        batch = 16 if big and args.quick else args.batch
+        r, s = (2, 1) if big else (rounds, steps)
+        numel, rows = timing(ds_name, heads, r, s, batch, args.generate)
+        print(f"## {ds_name}: {numel:,} parameters, batch {batch}\n")
+        mem = memory(ds_name, heads, batch, args.generate, 1 if big else 3, numel) if "memory" in parts else {}
+        qual = quality(ds_name, heads, train_steps, args.generate, 32) if "quality" in parts and not big else {}
+        print("| variant | head | step (ms) | step / direct | params / downstream | head params "
+              "| peak mem (MB) | mem / direct | held-out loss | loss / dense | loss / direct |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for name, row in rows.items():
+            m = mem.get(name)
+            q = qual.get(name, {}).get("loss")
+            qd = qual.get("dense", {}).get("loss")
+            qdir = qual.get("direct", {}).get("loss")
+            cells = [
+                name, row["repr"], f"{row['ms']:.1f}", f"{row['ratio']:.2f}",
+                f"{row['params']:.3g}" if name != "direct" else "1",
+                f"{row['head']:,}" if name != "direct" else "-",
+                f"{m:.0f}" if m is not None else "-",
+                f"{m / mem['direct']:.2f}" if m is not None and mem.get("direct") else "-",
+                f"{q:.3f}" if q is not None else "-",
+                f"{q / qd:.2f}" if q is not None and qd else "-",
+                f"{q / qdir:.2f}" if q is not None and qdir else "-",
+            ]
+            print("| " + " | ".join(cells) + " |")
+        skipped = [h for h in heads if not fits(h, numel)]
+        if skipped:
+            print(f"\nSkipped (would need over {DENSE_MAX_BYTES / 1e9:.0f} GB with Adam): {skipped}")
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
