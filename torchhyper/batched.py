@@ -27,7 +27,7 @@ attention work there as they are.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -110,9 +110,9 @@ class _Index:
 _INDEX: weakref.WeakKeyDictionary[nn.Module, _Index] = weakref.WeakKeyDictionary()
 
 
-def _index(module: nn.Module, keys: Iterable[str]) -> _Index:
+def _index(module: nn.Module, *, fresh: bool = False) -> _Index:
     index = _INDEX.get(module)
-    if index is None or not index.valid() or not all(k in index.tensors for k in keys):
+    if fresh or index is None or not index.valid():
         index = _INDEX[module] = _Index(module)
     return index
 
@@ -122,11 +122,34 @@ def _check(
 ) -> tuple[int, dict[int, str]]:
     if not isinstance(downstream, nn.Module):
         raise TypeError(f"downstream must be a torch.nn.Module, got {type(downstream).__name__}")
-    if not isinstance(params, Mapping) or not all(isinstance(v, Tensor) for v in params.values()):
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict of name -> Tensor, got {type(params).__name__}")
+    index = _index(downstream)
+    tensors = index.tensors
+    batch = -1
+    for k, v in params.items():  # the common, valid case in one cheap pass
+        ref = tensors.get(k)
+        if ref is None or not isinstance(v, Tensor) or v.dim() != ref.dim() + 1 or v.shape[1:] != ref.shape:
+            break
+        if batch != v.shape[0]:
+            if batch != -1:
+                break
+            batch = v.shape[0]
+    else:
+        if batch > 0 and all(isinstance(a, Tensor) and a.dim() and a.shape[0] == batch for a in args) and not kwargs:
+            return batch, index.names
+    return _explain(downstream, params, args, kwargs)
+
+
+def _explain(
+    downstream: nn.Module, params: Mapping[str, Tensor], args: tuple, kwargs: dict
+) -> tuple[int, dict[int, str]]:
+    """The full check, with messages that list every offender; the slow path of :func:`_check`."""
+    if not all(isinstance(v, Tensor) for v in params.values()):
         raise TypeError(f"params must be a dict of name -> Tensor, got {type(params).__name__}")
     if not params:
         raise ValueError("params is empty: per_sample_call needs at least one (B, *shape) tensor")
-    index = _index(downstream, params)
+    index = _index(downstream, fresh=True)  # the module may have changed since it was indexed
     reference = index.tensors
     unexpected = [k for k in params if k not in reference]
     if unexpected:
@@ -141,13 +164,13 @@ def _check(
     wrong = [
         f"{k}: expected ({batch}, {', '.join(map(str, reference[k].shape))}), got {tuple(v.shape)}"
         for k, v in params.items()
-        if v.dim() == 0 or v.shape[0] != batch or v.shape[1:] != reference[k].shape
+        if v.dim() != reference[k].dim() + 1 or v.shape[0] != batch or v.shape[1:] != reference[k].shape
     ]
     if wrong or batch == 0:
         raise ValueError(
             "params must have shape (B, *shape) with one B >= 1 for all: " + "; ".join(wrong or ["B == 0"])
         )
-    leaves = args if not kwargs and all(isinstance(a, Tensor) for a in args) else tree_flatten((args, kwargs))[0]
+    leaves = tree_flatten((args, kwargs))[0]
     bad = [tuple(t.shape) for t in leaves if isinstance(t, Tensor) and (t.dim() == 0 or t.shape[0] != batch)]
     if bad:
         raise ValueError(
