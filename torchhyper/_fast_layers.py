@@ -63,12 +63,14 @@ def _linear(m: nn.Linear, x: Tensor, ctx: _Context) -> Any:
     if not w_batched:
         y = F.linear(x, w)
         return y if b is None else y + (b.view(b.shape[0], *[1] * (y.dim() - 2), -1) if b_batched else b)
-    flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, L, in)
+    # (B, L, in) @ (B, in, out): each slice of x is one example (B, in) or a batch (B, L, in).
+    dim = x.dim()
+    flat = x.unsqueeze(1) if dim == 2 else x if dim == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
     if b is None:
         y = torch.bmm(flat, w.transpose(1, 2))
     else:
         y = torch.baddbmm(b.unsqueeze(1) if b_batched else b, flat, w.transpose(1, 2))
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return y.squeeze(1) if dim == 2 else y if dim == 3 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _conv(m: nn.modules.conv._ConvNd, x: Tensor, ctx: _Context) -> Any:

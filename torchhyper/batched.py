@@ -81,11 +81,18 @@ def per_sample_call(
     """
     args = args if isinstance(args, tuple) else (args,)
     kwargs = {} if kwargs is None else kwargs
-    batch, names = _check(downstream, params, args, kwargs)
-    ctx = _Context(dict(params), names, batch)
+    batch, index = _check(downstream, params, args, kwargs)
+    ctx = _Context(dict(params), index.names, batch)
     ctx.fast = not _global_hooks()
     if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
-        return _forward(downstream, args[0], ctx)
+        plan = index.plan(downstream) if ctx.fast else None
+        if plan is None:
+            return _forward(downstream, args[0], ctx)
+        x = args[0]
+        for module, fast in plan:
+            y = fast(module, x, ctx) if fast is not None and not _has_hooks(module) else NotImplemented
+            x = _vmapped(module, (x,), {}, ctx) if y is NotImplemented else y
+        return x
     return _vmapped(downstream, args, kwargs, ctx)
 
 
@@ -103,8 +110,27 @@ class _Index:
                 self.tensors[name] = t
                 self.names[id(t)] = name
 
+        self._plan: list[tuple[nn.Module, Any]] | None = None
+        self._containers: list[tuple[nn.Module, list[nn.Module]]] = []
+
     def valid(self) -> bool:
         return all(table.get(attr) is t for table, attr, t in self.slots)
+
+    def plan(self, module: nn.Module) -> list[tuple[nn.Module, Any]] | None:
+        """The leaves of ``module``, a tree of ``nn.Sequential``, with their fast handlers; None
+        when the tree has hooks on a container or is not such a tree."""
+        if self._plan is None or any(list(c._modules.values()) != kids for c, kids in self._containers):
+            self._containers = []
+            self._plan = self._flatten(module)
+        if any(_has_hooks(c) for c, _ in self._containers):
+            return None
+        return self._plan if self._containers else None
+
+    def _flatten(self, module: nn.Module) -> list[tuple[nn.Module, Any]]:
+        if type(module) is not nn.Sequential:
+            return [(module, _FAST.get(type(module)))]
+        self._containers.append((module, list(module._modules.values())))
+        return [leaf for child in module for leaf in self._flatten(child)]
 
 
 _INDEX: weakref.WeakKeyDictionary[nn.Module, _Index] = weakref.WeakKeyDictionary()
@@ -119,7 +145,7 @@ def _index(module: nn.Module, *, fresh: bool = False) -> _Index:
 
 def _check(
     downstream: nn.Module, params: Mapping[str, Tensor], args: tuple, kwargs: dict
-) -> tuple[int, dict[int, str]]:
+) -> tuple[int, _Index]:
     if not isinstance(downstream, nn.Module):
         raise TypeError(f"downstream must be a torch.nn.Module, got {type(downstream).__name__}")
     if not isinstance(params, Mapping):
@@ -137,13 +163,13 @@ def _check(
             batch = v.shape[0]
     else:
         if batch > 0 and all(isinstance(a, Tensor) and a.dim() and a.shape[0] == batch for a in args) and not kwargs:
-            return batch, index.names
+            return batch, index
     return _explain(downstream, params, args, kwargs)
 
 
 def _explain(
     downstream: nn.Module, params: Mapping[str, Tensor], args: tuple, kwargs: dict
-) -> tuple[int, dict[int, str]]:
+) -> tuple[int, _Index]:
     """The full check, with messages that list every offender; the slow path of :func:`_check`."""
     if not all(isinstance(v, Tensor) for v in params.values()):
         raise TypeError(f"params must be a dict of name -> Tensor, got {type(params).__name__}")
@@ -177,7 +203,7 @@ def _explain(
             f"every tensor input must have the leading dimension B == {batch} of params, got shapes "
             f"{bad}; expand a shared input with t.expand({batch}, *t.shape)"
         )
-    return batch, index.names
+    return batch, index
 
 
 def _has_hooks(module: nn.Module) -> bool:
