@@ -265,3 +265,20 @@ def test_many_sets_fold_scale_into_dense_head(init):
     b = gradients([hyper(c[i : i + 1]) for i in range(20)])
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-5)
+
+
+def test_cached_plan_follows_module_changes():
+    module = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+    x = torch.randn(B, 4)
+    params = {n: torch.randn(B, *p.shape) for n, p in module.named_parameters()}
+    torch.testing.assert_close(per_sample_call(module, params, x), loop(module, params, (x,))[0])
+    module.append(nn.Linear(6, 2))  # a new layer: new names, a new plan
+    params = {n: torch.randn(B, *p.shape) for n, p in module.named_parameters()}
+    torch.testing.assert_close(per_sample_call(module, params, x), loop(module, params, (x,))[0])
+    module[2].bias = nn.Parameter(torch.full((2,), 5.0))  # a replaced, unselected parameter is used
+    del params["2.bias"]
+    torch.testing.assert_close(per_sample_call(module, params, x), loop(module, params, (x,))[0])
+    calls = []
+    module.register_forward_hook(lambda m, a, y: calls.append(y.shape))  # a container hook: vmap
+    torch.testing.assert_close(per_sample_call(module, params, x), loop(module, params, (x,))[0])
+    assert calls[0] == torch.Size([2])
