@@ -2,7 +2,8 @@ r"""What the trainer needs from an experiment, and helpers the experiments share
 
 A task owns its data, the downstream module (the template whose parameters are generated) and
 its evaluation. The trainer (``experiments/train.py``) owns models, optimizers, the loop and
-checkpoints, and talks to a task only through :class:`Task`'s four members.
+checkpoints, and talks to a task only through :class:`Task`'s members: ``downstream``, ``input_dim``,
+``num_datasets``, ``sample``, ``loss`` and ``finish``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Task", "fit_direct", "plot_losses", "within"]
+__all__ = ["Task", "describe", "fit_direct", "plot_losses", "within"]
 
 
 class Task:
@@ -46,11 +47,17 @@ class Task:
         r"""The scalar training loss of the downstream with ``params`` on ``batch``."""
         raise NotImplementedError
 
-    def finish(
+    def evaluate(
         self, hypernetwork: nn.Module, direct: nn.ModuleList, history: dict[str, list[float]], out: Path
     ) -> dict[str, Any]:
         r"""Evaluates both models, writes the plots into ``out`` and returns the metrics."""
         raise NotImplementedError
+
+    def finish(
+        self, hypernetwork: nn.Module, direct: nn.ModuleList, history: dict[str, list[float]], out: Path
+    ) -> dict[str, Any]:
+        r"""What the trainer calls after training: :meth:`evaluate`, plus what was trained."""
+        return {**self.evaluate(hypernetwork, direct, history, out), "hypernetwork_model": describe(hypernetwork)}
 
 
 def fit_direct(
@@ -72,6 +79,17 @@ def fit_direct(
         optimizer.step()
         schedule.step()
     return {n: p.detach() for n, p in params.items()}
+
+
+def describe(hypernetwork: nn.Module) -> dict[str, Any]:
+    r"""What was trained: the head's class and the parameter counts, for ``metrics.json``."""
+    module = getattr(hypernetwork, "module", hypernetwork)  # unwrap DDP
+    head = getattr(module, "head", None)
+    return {
+        "head": type(head).__name__ if head is not None else None,
+        "parameters": sum(p.numel() for p in module.parameters()),
+        "generated": getattr(module, "numel", None),
+    }
 
 
 def within(hypernetwork: float, direct: float, *, tolerance: float = 0.1) -> bool:

@@ -53,7 +53,7 @@ class DDPMExperiment(Task):
     def loss(self, params: dict[str, Tensor], batch: Tensor) -> Tensor:
         return functional_call(self.downstream, params, (batch,)).mean()
 
-    def finish(self, hypernetwork, direct: nn.ModuleList, history, out: Path) -> dict[str, Any]:
+    def evaluate(self, hypernetwork, direct: nn.ModuleList, history, out: Path) -> dict[str, Any]:
         images = self.sets.images
         judge = DigitClassifier.fit(self.sets.x_train, images.y_train, steps=self.t.classifier_steps,
                                     seed=self.config.seed)

@@ -83,7 +83,7 @@ class FlowExperiment(Task):
         scores["mean_error_vs_truth_mle"], scores["cov_error_vs_truth_mle"] = _errors(mle_mean, mle_var, mean, var)
         return scores
 
-    def finish(self, hypernetwork, direct: nn.ModuleList, history, out: Path) -> dict[str, Any]:
+    def evaluate(self, hypernetwork, direct: nn.ModuleList, history, out: Path) -> dict[str, Any]:
         panels = []
         if self.config.amortized:
             gen = torch.Generator().manual_seed(self.config.seed + 2000)

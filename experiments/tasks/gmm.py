@@ -90,7 +90,7 @@ class GMMExperiment(Task):
             "log_scales": 0.5 * torch.tensor(fit.covariances_, dtype=torch.float32).log(),
         }
 
-    def finish(self, hypernetwork, direct: nn.ModuleList, history, out: Path) -> dict[str, Any]:
+    def evaluate(self, hypernetwork, direct: nn.ModuleList, history, out: Path) -> dict[str, Any]:
         eval_gen = torch.Generator().manual_seed(self.config.seed + 2000)
         if self.config.amortized:
             return self._finish_amortized(hypernetwork, history, out, eval_gen)

@@ -43,7 +43,7 @@ class VAEExperiment(Task):
     def loss(self, params: dict[str, Tensor], batch: Tensor) -> Tensor:
         return -functional_call(self.downstream, params, (batch,)).mean()
 
-    def finish(self, hypernetwork, direct: nn.ModuleList, history, out: Path) -> dict[str, Any]:
+    def evaluate(self, hypernetwork, direct: nn.ModuleList, history, out: Path) -> dict[str, Any]:
         elbo: dict[str, list[Tensor]] = {"hypernetwork": [], "direct": []}
         grids: dict[str, list[Tensor]] = {"hypernetwork": [], "direct": []}
         gen = torch.Generator(self.device).manual_seed(self.config.seed + 2000)
