@@ -5,12 +5,13 @@ per example, each tensor of shape ``(B, *shape)``. :func:`per_sample_call` appli
 
 ``per_sample_call(downstream, params, x)[i] == functional_call(downstream, params[i], x[i])``
 
-for any module, without a Python loop. Layers with a batched form run as one batched kernel:
+for any module, without a Python loop. Layers with a batched form run as batched kernels:
 ``Linear`` as a batched matrix product, ``Conv1d/2d/3d`` as a grouped convolution, LayerNorm,
-GroupNorm and BatchNorm as usual normalization with per-sample scales and shifts, and the
-element-wise activations as they are. ``nn.Sequential`` containers are walked; any other module
-(a custom ``forward``, attention, an RNN, a module with hooks) runs under
-``torch.func.vmap(functional_call)``.
+GroupNorm and BatchNorm as usual normalization with per-sample scales and shifts, ``Embedding``
+as a gather, ``RNN``/``GRU``/``LSTM`` as a batched recurrence (``vmap`` has no rule for them),
+and element-wise activations as they are. ``nn.Sequential`` containers are walked; any other
+module (a custom ``forward``, attention, a transposed convolution, a module with hooks) runs
+under ``torch.func.vmap(functional_call)``.
 
 BatchNorm in train mode. Each sample normalizes its own slice ``x[i]`` with that slice's batch
 statistics, exactly as the loop does, so outputs and gradients equal the loop's. The running
@@ -109,7 +110,6 @@ class _Index:
                 self.slots.append((getattr(module.get_submodule(owner), kind), attr, t))
                 self.tensors[name] = t
                 self.names[id(t)] = name
-
         self._plan: list[tuple[nn.Module, Any]] | None = None
         self._containers: list[tuple[nn.Module, list[nn.Module]]] = []
 
