@@ -216,10 +216,13 @@ def test_vmap_compatible_restores_hooks_on_error():
     from torch.nn.modules import module as m
 
     count = len(m._global_forward_pre_hooks)
+    assert torch.backends.mha.get_fastpath_enabled()
     with pytest.raises(RuntimeError, match="boom"), vmap_compatible():
         assert len(m._global_forward_pre_hooks) == count + 1
+        assert not torch.backends.mha.get_fastpath_enabled()
         raise RuntimeError("boom")
     assert len(m._global_forward_pre_hooks) == count
+    assert torch.backends.mha.get_fastpath_enabled()
 
 
 @pytest.mark.skipif("unet" not in IDS, reason="diffusers is not installed")
