@@ -74,3 +74,19 @@ def test_context_differs_from_downstream_input():
     assert not torch.allclose(hyper(torch.randn(12, 7))["0.weight"], params["0.weight"])
     y.square().mean().backward()
     assert all(p.grad is not None for p in hyper.parameters())
+
+
+def test_per_sample_uses_a_pools_local_form():
+    """A set of one lives on one process: per_sample must not reduce across processes."""
+
+    class CrossProcess(torch.nn.Module):
+        local = staticmethod(lambda e: e.mean(dim=-2))
+
+        def forward(self, e):
+            raise RuntimeError("reduced across processes")
+
+    hyper = HyperNetwork(3, [8], torch.nn.Linear(2, 2), pool=CrossProcess())
+    x = torch.randn(5, 3)
+    reference = HyperNetwork(3, [8], torch.nn.Linear(2, 2), pool="mean")
+    reference.load_state_dict(hyper.state_dict())
+    torch.testing.assert_close(hyper.per_sample(x)["weight"], reference.per_sample(x)["weight"])

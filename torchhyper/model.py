@@ -170,10 +170,13 @@ class HyperNetwork(_Generator):
         """
         self._check_input(x, sets=False)
         e = self.encoder(x.reshape(x.shape[0], -1))
-        if self.pool in POOLS.values():
+        # Each example is its own set, held by one process: a pool that reduces across
+        # processes (torchhyper.distributed) offers its single-process form as `.local`.
+        pool = getattr(self.pool, "local", self.pool)
+        if pool in POOLS.values():
             z = e  # a mean, sum or max over one example is that example
         else:
-            z = _pool_sets(self.pool, e.unsqueeze(1))
+            z = _pool_sets(pool, e.unsqueeze(1))
         return self.generate(z)
 
     def _check_input(self, x: Tensor, *, sets: bool) -> None:
