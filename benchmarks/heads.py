@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from torchhyper import HyperNetwork
-from torchhyper.heads import ChunkedHead, DenseHead, LoRAHead, LowRankHead
+from torchhyper.heads import ChunkedHead, DenseHead, Head, LoRAHead, LowRankHead
 
 HIDDEN = [32, 64, 96]
 BATCH = 128
@@ -49,7 +49,21 @@ MLPS = {
     "mlp-1m": [784, 1024, 256, 10],
     "mlp-5m": [784, 2048, 1536, 10],
 }
+class FixedHead(Head):
+    """No parameters: a fixed random output that still depends (with weight 0) on the
+    embedding, so that the encoder's backward runs. Measures the cost of everything but the
+    head: encoder, pooling, norm, assembly, and functional_call."""
+
+    def __init__(self, in_features: int, shapes) -> None:
+        super().__init__(in_features, shapes)
+        self.register_buffer("values", torch.randn(self.numel))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.values + 0.0 * z.sum(-1, keepdim=True)
+
+
 HEADS = {
+    "none": FixedHead,
     "dense": DenseHead,
     "chunked": ChunkedHead,
     "lowrank": LowRankHead,
@@ -87,18 +101,14 @@ def unet() -> nn.Module:
 
 
 def proposed_generate(self, z: Tensor) -> dict[str, Tensor]:
-    """model.py's generate as proposed in notes/issue-3.md: a head with an ``assemble`` method
-    (LoRAHead) applies offset and scale itself, fused; any other head gets a per-tensor assembly
-    (no repeat_interleave over all N values, whose backward is an index_add_ over N values)."""
+    """model.py's generate as proposed in notes/issue-3.md: a per-tensor assembly, without the
+    two repeat_interleave over all N values (whose backward is an index_add_ over N values)."""
     z = self.norm(z)
     batch = z.shape[:-1]
-    coef = self.scale * self.gain
-    if hasattr(self.head, "assemble"):
-        values = self.head.assemble(z, coef, self.offset, base=self.base).split(self.numels, -1)
-    else:
-        h = self.head(z).split(self.numels, dim=-1)
-        offsets = self.offset.unbind() if self.base is None else self.base.split(self.numels)
-        values = [torch.addcmul(o, v, c) for v, c, o in zip(h, coef.unbind(), offsets)]
+    coef = (self.scale * self.gain).unbind()
+    h = self.head(z).split(self.numels, dim=-1)
+    offsets = self.offset.unbind() if self.base is None else self.base.split(self.numels)
+    values = [torch.addcmul(o, v, c) for v, c, o in zip(h, coef, offsets)]
     return {name: v.view(batch + shape) for name, v, shape in zip(self.names, values, self.shapes)}
 
 
@@ -216,7 +226,7 @@ def timing(ds_name: str, heads: list[str], rounds: int, steps: int, batch: int, 
             "ms": 1e3 * statistics.median(times[v.name]),
             "ratio": statistics.median(ratios),
             "params": v.params() / numel,
-            "head": v.params() - sum(p.numel() for p in v.hyper.encoder.parameters())
+            "head": sum(p.numel() for p in v.hyper.head.parameters())
             if v.name != "direct" else 0,
             "repr": _describe_head(v.hyper.head) if v.name != "direct" else "-",
         }
