@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.config import load_config
+from experiments.tasks.base import within
 from experiments.train import train
 
 __all__ = ["RUNS", "run_all", "table"]
@@ -54,11 +55,26 @@ def _f(x: float, digits: int = 3) -> str:
 
 
 def _pct(x: float) -> str:
-    return f"{100 * x:.2g}%" if x >= 1e-4 else f"{100 * x:.0e}%"
+    return f"{100 * x:.1f}%" if x >= 1e-3 else f"{100 * x:.0e}%"
+
+
+# The metric each verdict compares, and whether higher is better.
+_VERDICT = {"gmm": ("kl_hypernetwork", "kl_direct", False),
+            "flow": ("cov_error_vs_truth_hypernetwork", "cov_error_vs_truth_direct", False),
+            "vae": ("elbo_hypernetwork", "elbo_direct", True),
+            "ddpm": ("fd_hypernetwork", "fd_direct", False)}
+
+
+def _verdict(name: str, m: dict[str, Any]) -> str:
+    hyper, direct, higher = _VERDICT[name.split("_")[0]]
+    ok = within(m[hyper], m[direct], higher_is_better=higher)
+    if name == "ddpm" and m["class_fraction_hypernetwork"] < 0.9 * m["class_fraction_direct"]:
+        return ("FD: yes; class fraction: **no** (see below)" if ok else "**no** (see below)")
+    return "yes" if ok else "**no** (see below)"
 
 
 def _row(name: str, m: dict[str, Any]) -> list[str]:
-    verdict = "yes" if m["within_10_percent"] else "**no** (see notes)"
+    verdict = _verdict(name, m)
     if name == "gmm":
         cells = ["GMM, 1-D, 2 components (the original's), 2000 points",
                  "KL(true ‖ predicted), nats (Monte Carlo, 1e5 draws)",
@@ -89,7 +105,7 @@ def _row(name: str, m: dict[str, Any]) -> list[str]:
                  f"{_f(m['fd_hypernetwork'])} / {_pct(m['class_fraction_hypernetwork'])}",
                  f"{_f(m['fd_direct'])} / {_pct(m['class_fraction_direct'])} (one UNet per class)",
                  f"real train vs held-out: {_f(m['fd_truth'])} / classifier accuracy {_pct(m['classifier_test_accuracy'])}"]
-    plot = f"![{name}](docs/results/{name}.png)"
+    plot = f'<img src="docs/results/{name}.png" width="360" alt="{name}">'
     return [*cells, verdict, f"{m['steps']}", f"{m['seconds']:.0f}", plot]
 
 

@@ -92,9 +92,11 @@ def describe(hypernetwork: nn.Module) -> dict[str, Any]:
     }
 
 
-def within(hypernetwork: float, direct: float, *, tolerance: float = 0.1) -> bool:
-    r"""Whether the hypernetwork's metric is within ``tolerance`` (relative) of direct training's."""
-    return abs(hypernetwork - direct) <= tolerance * abs(direct)
+def within(hypernetwork: float, direct: float, *, tolerance: float = 0.1, higher_is_better: bool = False) -> bool:
+    r"""Whether the hypernetwork's metric is no worse than direct training's by more than
+    ``tolerance`` (relative to direct's); being better always counts."""
+    margin = tolerance * abs(direct)
+    return hypernetwork >= direct - margin if higher_is_better else hypernetwork <= direct + margin
 
 
 def plot_losses(ax: plt.Axes, history: dict[str, list[float]], *, ylabel: str = "training loss") -> None:

@@ -92,7 +92,7 @@ class DDPMExperiment(Task):
         for ax, (name, rows) in zip(axes, panels.items()):
             x = torch.cat(rows)[:100]
             x = x[: len(x) // 10 * 10].reshape(-1, 10, side, side)
-            ax.imshow(x.permute(0, 2, 1, 3).reshape(-1, 10 * side), cmap="gray_r", vmin=-1, vmax=1)
+            ax.imshow(x.permute(0, 2, 1, 3).reshape(-1, 10 * side), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
             ax.set_title(name + (" (row = class)" if len(rows) > 1 else ""), fontsize=9)
             ax.axis("off")
         plot_losses(axes[-1], history, ylabel="denoising loss")
