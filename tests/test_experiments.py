@@ -257,3 +257,17 @@ def test_vae_trains_on_user_supplied_mnist(tmp_path):
     np.savez(tmp_path / "mnist.npz", **{k: v.astype(np.uint8) for k, v in arrays.items()})
     metrics = run("vae", tmp_path / "run", "--task.dataset=mnist", f"--task.data_path={tmp_path / 'mnist.npz'}")
     assert np.isfinite(metrics["elbo_hypernetwork"]) and metrics["test_images"] == 10
+
+
+def test_results_command_tabulates_runs_and_reuses_finished_ones(tmp_path):
+    from experiments import results
+
+    args = ["--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--only", "gmm",
+            "--steps=3", "--batch_size=64", "--task.n_train=64", "--task.mc_samples=500"]
+    results.main(args)
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert text.startswith("| experiment | metric | hypernetwork | direct |") and "docs/results/gmm.png" in text
+    assert (tmp_path / "docs" / "gmm.png").is_file()
+    before = (tmp_path / "runs" / "gmm" / "metrics.json").stat().st_mtime_ns
+    results.main(args)  # a finished run is reused, not retrained or overwritten
+    assert (tmp_path / "runs" / "gmm" / "metrics.json").stat().st_mtime_ns == before
