@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 __all__: list[str] = []
 
@@ -79,8 +80,7 @@ def _reset_all(module: nn.Module) -> None:
             owner, _, attr = name.rpartition(".")
             aliases.setdefault(module.get_submodule(owner), []).append(attr)
 
-    def reset(m: nn.Module) -> None:
-        kept = [(a, m._parameters[a].detach().clone()) for a in aliases.get(m, [])]
+    def call_reset(m: nn.Module) -> None:
         for method in ("reset_parameters", "_reset_parameters"):
             fn = getattr(m, method, None)
             if callable(fn):
@@ -88,7 +88,24 @@ def _reset_all(module: nn.Module) -> None:
                     fn()
                 except (TypeError, RuntimeError, NotImplementedError):
                     pass
-                break
+                return
+
+    def reset(m: nn.Module) -> None:
+        kept = [(a, m._parameters[a].detach().clone()) for a in aliases.get(m, [])]
+        if parametrize.is_parametrized(m):
+            # A reset writes into the computed tensor (weight), not into its originals: let it
+            # write into the cached tensor, then assign that through the right inverse.
+            names = list(m.parametrizations.keys())
+            with parametrize.cached():
+                call_reset(m)
+                values = {t: getattr(m, t).clone() for t in names}
+            for t, value in values.items():
+                try:
+                    setattr(m, t, value)
+                except (RuntimeError, NotImplementedError, ValueError):
+                    pass  # no right inverse: its originals keep their values
+        else:
+            call_reset(m)
         for a, value in kept:
             m._parameters[a].copy_(value)
 
