@@ -61,8 +61,10 @@ class HyperNetwork(_Generator):
         include: Glob pattern(s) of parameter names to generate; others keep the module's
             own values. Default: all.
         exclude: Glob pattern(s) of parameter names not to generate.
-        head: ``"auto"`` (dense for small downstreams, else chunked), ``"dense"``,
-            ``"chunked"``, ``"lowrank"``, or a callable ``(in_features, shapes) -> Head``.
+        head: ``"auto"`` (dense for at most 4096 generated values, else a
+            :class:`~torchhyper.heads.LoRAHead` sized to stay small; see
+            :mod:`torchhyper.heads`), another name of ``torchhyper.heads.HEADS``, or a
+            callable ``(in_features, shapes) -> Head``.
         init: ``"default"`` starts at the scale of PyTorch's default init; ``"downstream"``
             starts exactly at the downstream's current values.
         pool: How the per-example encodings ``(B, H)`` become one ``(H,)``: ``"mean"`` (the
