@@ -94,24 +94,23 @@ class _Generator(nn.Module):
         z = self.norm(z)
         batch = z.shape[:-1]
         head = self.head
-        assemble = getattr(head, "assemble", None)
-        if callable(assemble):
-            # The head writes offset + coef * values itself, in one fused pass.
-            values = assemble(z, self.scale * self.gain, self.offset, base=self.base)
-        else:
-            coef = torch.repeat_interleave(self.scale * self.gain, self.counts, output_size=self.numel)
+        coef = self.scale * self.gain
+        if _foldable(head, self.numel) and z[..., 0].numel() > head.in_features:
+            # Many sets at once (per sample): folding the per-value scale and offset into the
+            # head's weights costs N * H operations instead of B * N, forward and backward.
+            coef = torch.repeat_interleave(coef, self.counts, output_size=self.numel)
             if self.base is None:
                 offset = torch.repeat_interleave(self.offset, self.counts, output_size=self.numel)
             else:
                 offset = self.base
-            if _foldable(head, self.numel) and z[..., 0].numel() > head.in_features:
-                # Many sets at once (per sample): folding the per-value scale and offset into the
-                # head's weights costs N * H operations instead of B * N, forward and backward.
-                weight = head.weight * coef.unsqueeze(-1)
-                values = F.linear(z, weight, torch.addcmul(offset, coef, head.bias))
-            else:
-                values = torch.addcmul(offset, coef, head(z))
-        values = values.split(self.numels, dim=-1)
+            weight = head.weight * coef.unsqueeze(-1)
+            values = F.linear(z, weight, torch.addcmul(offset, coef, head.bias)).split(self.numels, dim=-1)
+        else:
+            # Tensor by tensor, with scalar scale and offset: no N-sized copies of them, whose
+            # backward (an index_add over N values) cost as much as a small downstream's step.
+            offsets = self.offset.unbind() if self.base is None else self.base.split(self.numels)
+            raw = head(z).split(self.numels, dim=-1)
+            values = [torch.addcmul(o, h, c) for h, c, o in zip(raw, coef.unbind(), offsets)]
         return {
             name: v.view(batch + shape) for name, v, shape in zip(self.names, values, self.shapes)
         }
