@@ -86,7 +86,7 @@ def compiled() -> None:
     downstream = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.LayerNorm(64))
     x = torch.randn(64, 16)
     rows = []
-    for head in ("dense", "chunked", "lowrank"):
+    for head in ("dense", "chunked", "lowrank", "lora", "auto"):
         hyper = HyperNetwork(16, [32, 64], downstream, head=head)
         fn = torch.compile(hyper, fullgraph=True)
         start = time.perf_counter()

@@ -7,9 +7,8 @@ import functools
 import io
 
 import pytest
-import test_model as core
 import torch
-from downstreams import CASES, IDS, Case
+from downstreams import CASES, IDS
 from torch import nn
 
 from torchhyper import HyperNetwork
@@ -160,7 +159,7 @@ def test_validation_messages(factory, error, message):
 
 
 def test_make_head_and_summary_errors():
-    with pytest.raises(ValueError, match=r"head must be one of \['auto', 'chunked', 'dense', 'lowrank'\] or a callable, got 'lora2'"):
+    with pytest.raises(ValueError, match=r"head must be one of \['auto', 'chunked', 'dense', 'lora', 'lowrank'\] or a callable, got 'lora2'"):
         _make_head("lora2", H, SHAPES)
     with pytest.raises(TypeError, match="head factory must return an nn.Module, got int"):
         _make_head(lambda h, s: 3, H, SHAPES)
@@ -187,20 +186,3 @@ def test_chunked_chunk_size_larger_than_numel():
     assert head.chunk_size == 3 and head.chunks == 1
     head = ChunkedHead(H, [(10,)], chunk_size=4)
     assert head.chunks == 3 and head(torch.randn(H)).shape == (10,)
-
-
-# LoRAHead over the core table (it is not a named head yet, see notes/issue-3.md).
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_lora_table_keys_shapes_gradients(case: Case):
-    core.test_keys_shapes_gradients_untouched(case, LoRAHead)
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_lora_table_downstream_init(case: Case):
-    core.test_reference_downstream_init(case, LoRAHead)
-
-
-@pytest.mark.parametrize("case", [c for c in CASES if c.name != "unet"], ids=[i for i in IDS if i != "unet"])
-def test_lora_table_init_std(case: Case):
-    core.test_init_std_matches_pytorch(case, LoRAHead)

@@ -14,7 +14,7 @@ from torch.func import functional_call
 from torchhyper import HyperNetwork
 
 CONTEXT_DIM = 5
-HEADS = ["dense", "chunked", "lowrank"]
+HEADS = ["dense", "chunked", "lowrank", "lora"]
 
 
 def context(batch: int = 8, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -226,7 +226,7 @@ def test_input_shapes_flatten():
         ({"hidden_sizes": []}, ValueError, r"hidden_sizes must be a non-empty list of positive ints, got \[\]"),
         ({"hidden_sizes": [8, -1]}, ValueError, r"got \[8, -1\]"),
         ({"downstream": "net"}, TypeError, "downstream must be a torch.nn.Module, got str"),
-        ({"head": "huge"}, ValueError, r"head must be one of \['auto', 'chunked', 'dense', 'lowrank'\]"),
+        ({"head": "huge"}, ValueError, r"head must be one of \['auto', 'chunked', 'dense', 'lora', 'lowrank'\]"),
         ({"init": "zeros"}, ValueError, "init must be 'default' or 'downstream', got 'zeros'"),
         ({"downstream": nn.ReLU()}, ValueError, "ReLU has no parameters"),
     ],

@@ -3,7 +3,7 @@ r"""torchhyper: modular hypernetworks for any ``torch.nn.Module``."""
 from torchhyper.batched import per_sample_call, vmap_compatible
 from torchhyper.embedding import EmbeddingHyperNetwork, output_regularizer
 from torchhyper.functional import bind, load_params, materialize
-from torchhyper.heads import ChunkedHead, DenseHead, Head, LowRankHead
+from torchhyper.heads import ChunkedHead, DenseHead, Head, LoRAHead, LowRankHead, summary
 from torchhyper.model import HyperNetwork
 from torchhyper.pooling import AttentionPool
 
@@ -20,6 +20,8 @@ __all__ = [
     "DenseHead",
     "ChunkedHead",
     "LowRankHead",
+    "LoRAHead",
+    "summary",
     "bind",
     "load_params",
     "materialize",

@@ -324,6 +324,7 @@ HEADS: dict[str, HeadFactory] = {
     "dense": DenseHead,
     "chunked": ChunkedHead,
     "lowrank": LowRankHead,
+    "lora": LoRAHead,
 }
 
 # Up to this many generated values, head="auto" takes the dense head: at most about 400 k
