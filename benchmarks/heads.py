@@ -12,11 +12,6 @@ pairs, the loss is taken on 512 other inputs of the same task.
 
     python benchmarks/heads.py --quick          # a few minutes on 2 shared CPU cores
     python benchmarks/heads.py                  # the full run (tens of minutes)
-    python benchmarks/heads.py --generate=proposed   # with the model.py assembly fix (see below)
-
-``--generate=proposed`` replaces, on each hypernetwork instance, ``generate`` by a per-tensor
-assembly (``addcmul`` per tensor instead of two ``repeat_interleave`` over all N values), the
-change to model.py proposed in notes/issue-3.md; the default measures model.py as it is.
 
 Peak memory: each variant runs in a fresh subprocess (Linux): after imports, data and the
 downstream are built, we reset the process's peak resident set size (``/proc/self/clear_refs``),
@@ -33,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 
 import torch
 from torch import Tensor, nn
@@ -100,22 +94,10 @@ def unet() -> nn.Module:
     )
 
 
-def proposed_generate(self, z: Tensor) -> dict[str, Tensor]:
-    """model.py's generate as proposed in notes/issue-3.md: a per-tensor assembly, without the
-    two repeat_interleave over all N values (whose backward is an index_add_ over N values)."""
-    z = self.norm(z)
-    batch = z.shape[:-1]
-    coef = (self.scale * self.gain).unbind()
-    h = self.head(z).split(self.numels, dim=-1)
-    offsets = self.offset.unbind() if self.base is None else self.base.split(self.numels)
-    values = [torch.addcmul(o, v, c) for v, c, o in zip(h, coef, offsets)]
-    return {name: v.view(batch + shape) for name, v, shape in zip(self.names, values, self.shapes)}
-
-
 class Variant:
     """One way to train the downstream: directly, or through a hypernetwork with a given head."""
 
-    def __init__(self, name: str, downstream: nn.Module, make_batch, *, generate: str) -> None:
+    def __init__(self, name: str, downstream: nn.Module, make_batch) -> None:
         self.name = name
         self.downstream = downstream
         self.make_batch = make_batch
@@ -125,8 +107,6 @@ class Variant:
             downstream.requires_grad_(False)
             features = make_batch()[2].shape[1]
             self.hyper = HyperNetwork(features, HIDDEN, downstream, head=HEADS[name])
-            if generate == "proposed":
-                self.hyper.generate = types.MethodType(proposed_generate, self.hyper)
             self.trained = self.hyper
         self.optimizer = torch.optim.Adam(self.trained.parameters(), lr=1e-3)
 
@@ -200,13 +180,13 @@ def fits(name: str, numel: int) -> bool:
     return name != "dense" or (HIDDEN[-1] + 1) * numel * 16 <= DENSE_MAX_BYTES
 
 
-def timing(ds_name: str, heads: list[str], rounds: int, steps: int, batch: int, generate: str):
+def timing(ds_name: str, heads: list[str], rounds: int, steps: int, batch: int):
     factory, make_batch = build(ds_name, batch)
     torch.manual_seed(0)
     numel = sum(p.numel() for p in factory().parameters())
-    variants = [Variant("direct", factory(), make_batch, generate=generate)]
+    variants = [Variant("direct", factory(), make_batch)]
     variants += [
-        Variant(h, factory(), make_batch, generate=generate) for h in heads if fits(h, numel)
+        Variant(h, factory(), make_batch) for h in heads if fits(h, numel)
     ]
     data = [make_batch() for _ in range(steps)]
     for v in variants:  # warm up
@@ -238,7 +218,7 @@ def _describe_head(head: nn.Module) -> str:
     return type(head).__name__ + (f" r={rank}" if rank is not None else "")
 
 
-def memory_child(ds_name: str, head: str, batch: int, generate: str, steps: int) -> None:
+def memory_child(ds_name: str, head: str, batch: int, steps: int) -> None:
     factory, make_batch = build(ds_name, batch)
     data = [make_batch() for _ in range(steps)]
     torch.manual_seed(0)
@@ -246,7 +226,7 @@ def memory_child(ds_name: str, head: str, batch: int, generate: str, steps: int)
     before = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak resident set size (VmHWM) to the current one
-    v = Variant(head, downstream, make_batch, generate=generate)
+    v = Variant(head, downstream, make_batch)
     for b in data:
         v.step(b)
     print(json.dumps({"before_mb": before, "peak_mb": _status("VmHWM")}))
@@ -261,14 +241,14 @@ def _status(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory(ds_name: str, heads: list[str], batch: int, generate: str, steps: int, numel: int):
+def memory(ds_name: str, heads: list[str], batch: int, steps: int, numel: int):
     rows = {}
     for head in ["direct", *heads]:
         if not fits(head, numel):
             continue
         out = subprocess.run(
             [sys.executable, __file__, "--memory-child", ds_name, head, f"--batch={batch}",
-             f"--generate={generate}", f"--memory-steps={steps}"],
+             f"--memory-steps={steps}"],
             capture_output=True, text=True, check=True,
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -276,7 +256,7 @@ def memory(ds_name: str, heads: list[str], batch: int, generate: str, steps: int
     return rows
 
 
-def quality(ds_name: str, heads: list[str], steps: int, generate: str, eval_tasks: int):
+def quality(ds_name: str, heads: list[str], steps: int, eval_tasks: int):
     sizes = MLPS[ds_name]
     tasks = Tasks(sizes[0], sizes[-1])
     numel = sum(p.numel() for p in mlp(sizes).parameters())
@@ -291,7 +271,7 @@ def quality(ds_name: str, heads: list[str], steps: int, generate: str, eval_task
             inputs, y, context, _, _ = tasks.sample(g, query=1)
             return inputs, y, context
 
-        v = Variant(head, mlp(sizes), make_batch, generate=generate)
+        v = Variant(head, mlp(sizes), make_batch)
         start = time.perf_counter()
         for _ in range(steps):
             v.step(make_batch())
@@ -311,7 +291,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps")
     parser.add_argument("--downstreams", default="mlp-269k,mlp-1m,mlp-5m,unet")
     parser.add_argument("--heads", default="dense,chunked,lowrank,auto,lora-r4,lora-r16")
-    parser.add_argument("--generate", choices=["current", "proposed"], default="current")
     parser.add_argument("--parts", default="time,memory,quality")
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--memory-child", nargs=2, metavar=("DOWNSTREAM", "HEAD"))
@@ -320,22 +299,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.memory_child:
-        memory_child(*args.memory_child, args.batch, args.generate, args.memory_steps)
+        memory_child(*args.memory_child, args.batch, args.memory_steps)
         return
     heads = args.heads.split(",")
     parts = args.parts.split(",")
     rounds, steps, train_steps = (3, 3, 300) if args.quick else (7, 5, 1000)
     train_steps = args.train_steps or train_steps
-    print(f"# Heads vs direct training (CPU, 1 thread, generate={args.generate}, "
+    print(f"# Heads vs direct training (CPU, 1 thread, "
           f"{'quick' if args.quick else 'full'})\n")
     for ds_name in args.downstreams.split(","):
         big = ds_name == "unet"
         batch = 16 if big and args.quick else args.batch
         r, s = (2, 1) if big else (rounds, steps)
-        numel, rows = timing(ds_name, heads, r, s, batch, args.generate)
+        numel, rows = timing(ds_name, heads, r, s, batch)
         print(f"## {ds_name}: {numel:,} parameters, batch {batch}\n")
-        mem = memory(ds_name, heads, batch, args.generate, 1 if big else 3, numel) if "memory" in parts else {}
-        qual = quality(ds_name, heads, train_steps, args.generate, 32) if "quality" in parts and not big else {}
+        mem = memory(ds_name, heads, batch, 1 if big else 3, numel) if "memory" in parts else {}
+        qual = quality(ds_name, heads, train_steps, 32) if "quality" in parts and not big else {}
         print("| variant | head | step (ms) | step / direct | params / downstream | head params "
               "| peak mem (MB) | mem / direct | held-out loss | loss / dense | loss / direct |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
