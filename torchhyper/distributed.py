@@ -355,6 +355,9 @@ def setup(
 def cleanup() -> None:
     r"""Destroys the default process group, if any (call it at the end of a run)."""
     if dist.is_available() and dist.is_initialized():
+        # All ranks reach the teardown before any tears down: with gloo, a rank whose peer has
+        # already closed its connections can abort at exit ("terminate called ...").
+        dist.barrier()
         dist.destroy_process_group()
 
 
