@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Literal, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchhyper._spec import _describe, _lazy_names, _select
-from torchhyper.heads import DenseHead, HeadFactory, _make_head
+from torchhyper.heads import Head, HeadFactory, _assemble, _make_head
 
 __all__: list[str] = []
 
@@ -93,24 +92,12 @@ class _Generator(nn.Module):
         """
         z = self.norm(z)
         batch = z.shape[:-1]
-        head = self.head
         coef = self.scale * self.gain
-        if _foldable(head, self.numel) and z[..., 0].numel() > head.in_features:
-            # Many sets at once (per sample): folding the per-value scale and offset into the
-            # head's weights costs N * H operations instead of B * N, forward and backward.
-            coef = torch.repeat_interleave(coef, self.counts, output_size=self.numel)
-            if self.base is None:
-                offset = torch.repeat_interleave(self.offset, self.counts, output_size=self.numel)
-            else:
-                offset = self.base
-            weight = head.weight * coef.unsqueeze(-1)
-            values = F.linear(z, weight, torch.addcmul(offset, coef, head.bias)).split(self.numels, dim=-1)
-        else:
-            # Tensor by tensor, with scalar scale and offset: no N-sized copies of them, whose
-            # backward (an index_add over N values) cost as much as a small downstream's step.
-            offsets = self.offset.unbind() if self.base is None else self.base.split(self.numels)
-            raw = head(z).split(self.numels, dim=-1)
-            values = [torch.addcmul(o, h, c) for h, c, o in zip(raw, coef.unbind(), offsets)]
+        offsets = self.offset.unbind() if self.base is None else self.base.split(self.numels)
+        if isinstance(self.head, Head):
+            values = self.head.assemble(z, coef, offsets)
+        else:  # any module a head factory returned: (*, H) -> (*, N)
+            values = _assemble(self.head(z), coef, offsets, self.numels)
         return {
             name: v.view(batch + shape) for name, v, shape in zip(self.names, values, self.shapes)
         }
@@ -121,14 +108,3 @@ class _Generator(nn.Module):
             f"generated={len(self.names)} tensors ({self.numel} values), "
             f"parameters={own} ({own / self.numel:.3g}x generated), init={self.init!r}"
         )
-
-
-def _foldable(head: nn.Module, numel: int) -> bool:
-    """Whether ``head`` is the fused dense head ``F.linear(z, weight, bias)``."""
-    if type(head) is not DenseHead:
-        return False
-    weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
-    return (
-        isinstance(weight, Tensor) and isinstance(bias, Tensor)
-        and weight.shape == (numel, head.in_features) and bias.shape == (numel,)
-    )

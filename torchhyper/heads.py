@@ -7,6 +7,8 @@ contract: **at init, given an embedding with zero mean and unit variance over it
 raw values have zero mean and unit variance.** Heads are swapped with the ``head=`` argument of
 :class:`~torchhyper.model.HyperNetwork`, which takes a name or any callable
 ``(in_features, shapes) -> Head``, e.g. ``functools.partial(ChunkedHead, chunk_size=512)``.
+The scaling and shifting is :meth:`Head.assemble`, which a head may override to fuse it with its
+own computation (:class:`DenseHead` folds it into its weights when generating many sets).
 
 Trade-offs, with ``N`` generated values in ``T`` tensors, an embedding of width ``H`` and rank
 ``r`` (measured on a set-conditioned task in ``benchmarks/heads.py``):
@@ -65,8 +67,28 @@ class Head(nn.Module):
     def forward(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def assemble(self, z: Tensor, coef: Tensor, offsets: Sequence[Tensor]) -> list[Tensor]:
+        r"""The generated values ``offset_i + coef_i * h_i``, tensor by tensor.
+
+        Args:
+            z: Embeddings, ``(*, H)``.
+            coef: Per-tensor scales, ``(T,)``.
+            offsets: Per tensor, a scalar or a flat ``(numel_i,)`` offset.
+
+        Returns:
+            Flat values ``(*, numel_i)`` per tensor.
+        """
+        return _assemble(self(z), coef, offsets, self.numels)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, tensors={len(self.shapes)}, numel={self.numel}"
+
+
+def _assemble(raw: Tensor, coef: Tensor, offsets: Sequence[Tensor], numels: list[int]) -> list[Tensor]:
+    # Tensor by tensor, with scalar scale and offset: no N-sized copies of them, whose backward
+    # (an index_add over N values) cost as much as a small downstream's step.
+    parts = raw.split(numels, dim=-1)
+    return [torch.addcmul(o, h, c) for h, c, o in zip(parts, coef.unbind(), offsets)]
 
 
 class DenseHead(Head):
@@ -84,6 +106,16 @@ class DenseHead(Head):
 
     def forward(self, z: Tensor) -> Tensor:
         return F.linear(z, self.weight, self.bias)
+
+    def assemble(self, z: Tensor, coef: Tensor, offsets: Sequence[Tensor]) -> list[Tensor]:
+        if z[..., 0].numel() <= self.in_features:
+            return super().assemble(z, coef, offsets)
+        # Many sets at once (per sample): folding the per-value scale and offset into the
+        # weights costs N * H operations instead of B * N, forward and backward.
+        scale = torch.cat([c.expand(n) for c, n in zip(coef.unbind(), self.numels)])
+        offset = torch.cat([o.expand(n) for o, n in zip(offsets, self.numels)])
+        weight = self.weight * scale.unsqueeze(-1)
+        return list(F.linear(z, weight, torch.addcmul(offset, scale, self.bias)).split(self.numels, dim=-1))
 
 
 class ChunkedHead(Head):
