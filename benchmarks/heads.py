@@ -1,7 +1,7 @@
 """Heads against training the downstream directly: step time, size, peak memory and quality.
 
 Every hypernetwork is the seed constructor ``HyperNetwork(input_dim, [32, 64, 96], downstream,
-head=...)`` trained with Adam(lr=1e-3) on a set-conditioned task: the hypernetwork reads a batch
+head=..., base=...)`` trained with Adam(lr=1e-3) on a set-conditioned task: the hypernetwork reads a batch
 of 128 (x, y) pairs of one task (mean pooling) and the downstream's loss is taken on the same
 batch; "direct" trains the downstream's own weights with the same optimizer on the same batches.
 
@@ -12,6 +12,12 @@ pairs, the loss is taken on 512 other inputs of the same task.
 
     python benchmarks/heads.py --quick          # a few minutes on 2 shared CPU cores
     python benchmarks/heads.py                  # the full run (tens of minutes)
+
+A variant is a head name on the default learned base (``auto`` is the seed constructor's
+default), ``NAME:none`` for the same head with ``base="none"`` (``auto:none`` was the default
+before the learned base), or ``fixed``: a parameter-free head, the cost of everything else.
+Set ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=134217728`` to time with glibc's
+thresholds fixed (see ``benchmarks/RESULTS-heads.md``).
 
 Peak memory: each variant runs in a fresh subprocess (Linux): after imports, data and the
 downstream are built, we reset the process's peak resident set size (``/proc/self/clear_refs``),
@@ -34,7 +40,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from torchhyper import HyperNetwork
-from torchhyper.heads import ChunkedHead, DenseHead, Head, LoRAHead, LowRankHead
+from torchhyper.heads import HEADS as NAMED_HEADS
+from torchhyper.heads import Head, LoRAHead
 
 HIDDEN = [32, 64, 96]
 BATCH = 128
@@ -57,14 +64,17 @@ class FixedHead(Head):
 
 
 HEADS = {
-    "none": FixedHead,
-    "dense": DenseHead,
-    "chunked": ChunkedHead,
-    "lowrank": LowRankHead,
+    "fixed": FixedHead,
+    **{name: name for name in NAMED_HEADS},
     "auto": "auto",
     "lora-r4": functools.partial(LoRAHead, rank=4),
     "lora-r16": functools.partial(LoRAHead, rank=16),
 }
+
+
+def head_and_base(variant: str):
+    name, _, base = variant.partition(":")
+    return HEADS[name], base or "learned"
 # The dense head of the 5 M MLP and of the UNet needs 7.8 GB and 17 GB with Adam: skipped.
 DENSE_MAX_BYTES = 3e9
 
@@ -106,7 +116,8 @@ class Variant:
         else:
             downstream.requires_grad_(False)
             features = make_batch()[2].shape[1]
-            self.hyper = HyperNetwork(features, HIDDEN, downstream, head=HEADS[name])
+            head, base = head_and_base(name)
+            self.hyper = HyperNetwork(features, HIDDEN, downstream, head=head, base=base)
             self.trained = self.hyper
         self.optimizer = torch.optim.Adam(self.trained.parameters(), lr=1e-3)
 
@@ -177,7 +188,7 @@ def build(name: str, batch: int):
 
 
 def fits(name: str, numel: int) -> bool:
-    return name != "dense" or (HIDDEN[-1] + 1) * numel * 16 <= DENSE_MAX_BYTES
+    return not name.startswith("dense") or (HIDDEN[-1] + 1) * numel * 16 <= DENSE_MAX_BYTES
 
 
 def timing(ds_name: str, heads: list[str], rounds: int, steps: int, batch: int):
@@ -290,7 +301,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps")
     parser.add_argument("--downstreams", default="mlp-269k,mlp-1m,mlp-5m,unet")
-    parser.add_argument("--heads", default="dense,chunked,lowrank,auto,lora-r4,lora-r16")
+    parser.add_argument("--heads", default="auto,film,dense,lora,chunked,lowrank,none,auto:none,dense:none")
     parser.add_argument("--parts", default="time,memory,quality")
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--memory-child", nargs=2, metavar=("DOWNSTREAM", "HEAD"))
@@ -316,12 +327,12 @@ def main() -> None:
         mem = memory(ds_name, heads, batch, 1 if big else 3, numel) if "memory" in parts else {}
         qual = quality(ds_name, heads, train_steps, 32) if "quality" in parts and not big else {}
         print("| variant | head | step (ms) | step / direct | params / downstream | head params "
-              "| peak mem (MB) | mem / direct | held-out loss | loss / dense | loss / direct |")
+              "| peak mem (MB) | mem / direct | held-out loss | loss / dense (base none) | loss / direct |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for name, row in rows.items():
             m = mem.get(name)
             q = qual.get(name, {}).get("loss")
-            qd = qual.get("dense", {}).get("loss")
+            qd = qual.get("dense:none", qual.get("dense", {})).get("loss")
             qdir = qual.get("direct", {}).get("loss")
             cells = [
                 name, row["repr"], f"{row['ms']:.1f}", f"{row['ratio']:.2f}",

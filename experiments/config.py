@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from torchhyper.heads import HEAD_NAMES, HEADS
+
 __all__ = [
     "Config",
     "GMMTask",
@@ -173,8 +175,9 @@ class Config:
     batch_size: int = 256  # examples per set: what the hypernetwork sees
     sets_per_step: int = 1  # sets (datasets) per optimizer step
     hidden_sizes: list[int] = field(default_factory=lambda: [32, 64, 96])
-    head: Literal["auto", "dense", "chunked", "lowrank"] = "auto"
+    head: str = "auto"  # a name of torchhyper.heads.HEAD_NAMES
     head_options: dict[str, int] = field(default_factory=dict)  # e.g. {"rank": 64} for a named head
+    base: Literal["learned", "frozen", "none"] = "learned"  # HyperNetwork's base=
     pool: Literal["mean", "sum", "max", "attention"] = "mean"  # HyperNetwork's pool=
     pool_layers: int = 0  # MLP layers after a mean pool (Deep Sets' rho); 0: the plain pool
     # Under torchrun (experiments/distributed.py): the wrapper, and pooling over all ranks' shares.
@@ -199,8 +202,10 @@ class Config:
                                       ("pool_layers", self.pool_layers)) if v < 0}
         if negative:
             raise ValueError(f"config: {negative} must be >= 0")
+        if self.head not in HEAD_NAMES:
+            raise ValueError(f"config.head must be one of {list(HEAD_NAMES)}, got {self.head!r}")
         if self.head_options and self.head == "auto":
-            raise ValueError("config.head_options needs a named head (dense, chunked, lowrank), not 'auto'")
+            raise ValueError(f"config.head_options needs a named head {list(HEADS)}, not 'auto'")
         if self.pool_layers and self.pool != "mean":
             raise ValueError(f"config.pool_layers > 0 needs pool='mean', got pool={self.pool!r}")
         if self.global_pool and self.pool not in ("mean", "sum", "max"):

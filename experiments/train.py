@@ -118,7 +118,9 @@ def build_models(config: Config, task: Task, device: torch.device) -> tuple[Hype
     else:
         pool = config.pool if reduce is None else reduce
     head = functools.partial(HEADS[config.head], **config.head_options) if config.head_options else config.head
-    hypernetwork = HyperNetwork(task.input_dim, config.hidden_sizes, task.downstream, head=head, pool=pool)
+    hypernetwork = HyperNetwork(
+        task.input_dim, config.hidden_sizes, task.downstream, head=head, base=config.base, pool=pool
+    )
     direct = nn.ModuleList()
     for _ in range(task.num_datasets):
         direct.append(copy.deepcopy(task.downstream).requires_grad_(True))

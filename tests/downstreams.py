@@ -15,6 +15,15 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
 
+def perturb_update_(hypernetwork: nn.Module, std: float = 0.3) -> nn.Module:
+    """Moves every head parameter by N(0, std^2) noise, in place, as training would: the update
+    on a base, zero at init, then depends on the embedding. Returns the hypernetwork."""
+    with torch.no_grad():
+        for p in hypernetwork.head.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return hypernetwork
+
+
 @dataclass
 class Case:
     name: str

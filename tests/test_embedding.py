@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from downstreams import CASES, IDS, Case
+from downstreams import CASES, IDS, Case, perturb_update_
 from torch import nn
 from torch.func import functional_call
 
@@ -26,7 +26,7 @@ def test_every_downstream(case: Case):
 
 def test_only_the_used_embedding_learns():
     module = nn.Linear(3, 2)
-    hyper = EmbeddingHyperNetwork(4, 6, module, head="dense")
+    hyper = perturb_update_(EmbeddingHyperNetwork(4, 6, module, head="dense"))
     per_sample_call(module, hyper(torch.tensor([1, 1, 3])), torch.randn(3, 3)).square().sum().backward()
     used = hyper.embedding.weight.grad.abs().sum(1) > 0
     assert used.tolist() == [False, True, False, True]
@@ -53,22 +53,28 @@ def test_shares_the_hypernetwork_init_and_heads():
     module = nn.Sequential(nn.Linear(40, 64), nn.Linear(64, 64))
     for head in ("dense", "chunked", "lowrank"):
         torch.manual_seed(0)
-        hyper = EmbeddingHyperNetwork(3, 16, module, head=head)
-        reference = HyperNetwork(2, [16], module, head=head)
+        hyper = EmbeddingHyperNetwork(3, 16, module, head=head, base="none")
+        reference = HyperNetwork(2, [16], module, head=head, base="none")
         torch.testing.assert_close(hyper.scale, reference.scale)
         torch.testing.assert_close(hyper.offset, reference.offset)
         assert type(hyper.head) is type(reference.head)
         std = hyper(torch.arange(3))["1.weight"].std().item()
         assert 0.8 < std / module[1].weight.std().item() < 1.25
-    start = EmbeddingHyperNetwork(3, 8, module, init="downstream")(1)
-    for n, p in module.named_parameters():
-        torch.testing.assert_close(start[n], p.detach(), rtol=0, atol=1e-6)
+    for base in ("learned", "frozen"):
+        start = EmbeddingHyperNetwork(3, 8, module, base=base)(1)
+        for n, p in module.named_parameters():
+            torch.testing.assert_close(start[n], p.detach(), rtol=0, atol=0)
 
 
 def test_state_dict_keys():
     hyper = EmbeddingHyperNetwork(3, 4, nn.Linear(2, 2), hidden_sizes=[8], head="dense")
     assert list(hyper.state_dict()) == [
-        "gain", "scale", "offset", "counts", "embedding.weight",
+        "gain", "scale", "center", "center_calls", "embedding.weight",
+        "encoder.0.weight", "encoder.0.bias", "head.weight", "head.bias", "bases.0", "bases.1",
+    ]
+    hyper = EmbeddingHyperNetwork(3, 4, nn.Linear(2, 2), hidden_sizes=[8], head="dense", base="none")
+    assert list(hyper.state_dict()) == [
+        "gain", "scale", "offset", "embedding.weight",
         "encoder.0.weight", "encoder.0.bias", "head.weight", "head.bias",
     ]
 

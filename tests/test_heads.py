@@ -1,5 +1,5 @@
-"""Heads: parameter counts, the auto policy, the unit-variance contract, LoRAHead's fused paths,
-validation messages and edge cases; LoRAHead over the core test table."""
+"""Heads: parameter counts, the auto policy, the unit-variance contract, the zero-update start on a
+base, FiLMHead, LoRAHead's fused paths, the registry, validation messages and edge cases."""
 
 from __future__ import annotations
 
@@ -13,12 +13,16 @@ from torch import nn
 
 from torchhyper import HyperNetwork
 from torchhyper.heads import (
+    HEAD_NAMES,
+    HEADS,
     ChunkedHead,
     DenseHead,
+    FiLMHead,
     LoRAHead,
     LowRankHead,
-    _auto_head,
+    NoUpdate,
     _make_head,
+    auto_head,
     summary,
 )
 
@@ -48,28 +52,42 @@ def test_parameter_counts():
 
 
 def test_auto_policy_thresholds():
-    assert isinstance(_auto_head(H, [(4096,)]), DenseHead)
-    assert isinstance(_auto_head(H, [(4097,)]), LoRAHead)
-    assert isinstance(_auto_head(H, [(64, 64), (64,)]), LoRAHead)
-    assert _auto_head(H, [(64, 64), (64,)]).rank == 2  # 4160 / 8 // ((64 + 64 + 13) + (64 + 1 + 13))
-    assert _auto_head(H, [(1000, 1000)]).rank == 16  # capped
+    for base in (True, False):
+        assert isinstance(auto_head(H, [(4096,)], base=base), DenseHead)
+    assert isinstance(auto_head(H, [(4097,)]), FiLMHead)
+    assert isinstance(auto_head(H, [(4097,)], base=False), LoRAHead)
+    assert auto_head(H, [(64, 64), (64,)], base=False).rank == 2  # 4160 / 8 // ((64 + 64 + 13) + (64 + 1 + 13))
+    assert auto_head(H, [(1000, 1000)], base=False).rank == 16  # capped
     gmm = CASES[IDS.index("gmm")].build()
     assert isinstance(HyperNetwork(1, [32, 64, 96], gmm).head, DenseHead)
 
 
 @pytest.mark.parametrize("input_dim", [2, 794])
-def test_auto_scales_seed_constructor(input_dim):
-    """Above 100 k generated values, the seed constructor's default stays under 0.25x."""
+def test_auto_seed_constructor(input_dim):
+    """Above 4096 generated values the seed constructor's default is a learned base + FiLM."""
     mlp = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     hyper = HyperNetwork(input_dim, [32, 64, 96], mlp)
-    assert isinstance(hyper.head, LoRAHead)
-    assert count(hyper) <= 0.25 * hyper.numel
-    assert hyper.head.rank == 11  # the largest within 0.125x: 11 * 2919 <= 269322 / 8 < 12 * 2919
-    assert "LoRAHead" in repr(hyper) and "rank=11" in repr(hyper)
-    text = summary(hyper)
-    assert text.splitlines()[0] == "head: LoRAHead(rank=11)"
-    assert f"{count(hyper):,} ({count(hyper) / hyper.numel:.3g}x generated)" in text
-    assert f"head {count(hyper.head):,}" in text
+    assert isinstance(hyper.head, FiLMHead) and hyper.base == "learned"
+    # Row scales of the three matrices, scales and shifts of the three biases, from H = 96.
+    assert count(hyper.head) == 97 * ((256 + 256 + 10) + 2 * (256 + 256 + 10))
+    assert sum(b.numel() for b in hyper.bases) == hyper.numel == 269_322
+    assert "base='learned'" in repr(hyper) and "FiLMHead" in repr(hyper)
+    text = summary(hyper).splitlines()
+    assert text[0] == "head: FiLMHead()"
+    assert text[1] == "base: learned (269,322 values, trained)"
+    assert text[3].startswith(f"trained parameters: {count(hyper):,} ({count(hyper) / hyper.numel:.3g}x generated)")
+    assert f"head {count(hyper.head):,}" in text[3] and "bases 269,322" in text[3]
+    frozen = HyperNetwork(input_dim, [32, 64, 96], mlp, base="frozen")
+    assert summary(frozen).splitlines()[1] == "base: frozen (269,322 values, fixed)"
+    assert "bases" not in summary(frozen).splitlines()[3]
+
+
+def test_registry_is_the_one_list_of_names():
+    assert HEAD_NAMES == ("auto", *HEADS)
+    assert {"film", "dense", "lora", "chunked", "lowrank", "none"} <= set(HEADS)
+    from experiments.config import Config
+
+    assert Config.__dataclass_fields__["head"].type == "str"  # validated against HEAD_NAMES
 
 
 def test_head_override():
@@ -159,10 +177,18 @@ def test_validation_messages(factory, error, message):
 
 
 def test_make_head_and_summary_errors():
-    with pytest.raises(ValueError, match=r"head must be one of \['auto', 'chunked', 'dense', 'lora', 'lowrank'\] or a callable, got 'lora2'"):
-        _make_head("lora2", H, SHAPES)
+    names = str(list(HEAD_NAMES)).replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(ValueError, match=f"head must be one of {names} or a callable, got 'lora2'"):
+        _make_head("lora2", H, SHAPES, base=True)
     with pytest.raises(TypeError, match="head factory must return an nn.Module, got int"):
-        _make_head(lambda h, s: 3, H, SHAPES)
+        _make_head(lambda h, s: 3, H, SHAPES, base=True)
+    with pytest.raises(ValueError, match=r"must map an embedding \(12,\) to \(56,\) values .* got \(55,\)"):
+        _make_head(lambda h, s: nn.Linear(h, 55), H, SHAPES, base=True)
+    with pytest.raises(TypeError, match=r"calling it on zeros\(12\) raised RuntimeError"):
+        _make_head(lambda h, s: nn.Linear(h + 1, 56), H, SHAPES, base=True)
+    for name in ("film", "none"):
+        with pytest.raises(ValueError, match="modulates a base, but base='none'"):
+            _make_head(name, H, SHAPES, base=False)
     with pytest.raises(TypeError, match="hypernetwork must be a HyperNetwork .* got Linear"):
         summary(nn.Linear(2, 2))
 
@@ -186,3 +212,47 @@ def test_chunked_chunk_size_larger_than_numel():
     assert head.chunk_size == 3 and head.chunks == 1
     head = ChunkedHead(H, [(10,)], chunk_size=4)
     assert head.chunks == 3 and head(torch.randn(H)).shape == (10,)
+
+
+BASE_FACTORIES = FACTORIES | {"film": FiLMHead, "none": NoUpdate}
+
+
+@pytest.mark.parametrize("name", list(BASE_FACTORIES))
+def test_zero_update_starts_at_the_base(name):
+    """On a base, every built-in head's update is exactly zero at init, for any embedding,
+    and still has gradients (it learns from the first step)."""
+    torch.manual_seed(0)
+    head = BASE_FACTORIES[name](H, SHAPES)
+    assert head.zero_update_()
+    bases = [torch.randn(torch.Size(s).numel()) for s in SHAPES]
+    scale, gain = torch.rand(len(SHAPES)) + 0.5, torch.rand(len(SHAPES)) + 0.5
+    z = torch.randn(3, H)
+    out = head.assemble(z, bases, scale, gain)
+    for value, base in zip(out, bases):
+        assert value.shape == (3, base.numel())
+        torch.testing.assert_close(value, base.expand_as(value), rtol=0, atol=0)
+    if name != "none":
+        sum(v.square().sum() for v in out).backward()
+        assert any(p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+def test_film_modulates_rows_and_shifts_vectors():
+    head = FiLMHead(H, SHAPES)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        head.linear.weight.normal_()
+    bases = [torch.randn(torch.Size(s).numel()) for s in SHAPES]
+    scale, gain = torch.rand(len(SHAPES)) + 0.5, torch.rand(len(SHAPES)) + 0.5
+    z = torch.randn(H)
+    g = head.linear(z).split(head.widths)
+    out = head.assemble(z, bases, scale, gain)
+    # (6, 5): each row of the base scaled by 1 + gain * g.
+    torch.testing.assert_close(out[0].view(6, 5), bases[0].view(6, 5) * (1 + gain[0] * g[0])[:, None])
+    # (6,): scaled and shifted value by value.
+    factor, shift = g[1].chunk(2)
+    torch.testing.assert_close(out[1], bases[1] * (1 + gain[1] * factor) + scale[1] * gain[1] * shift)
+    batched = head.assemble(z.expand(2, H), bases, scale, gain)
+    for a, b in zip(out, batched):
+        torch.testing.assert_close(b[1], a)
+    with pytest.raises(ValueError, match="FiLMHead modulates a base"):
+        head.assemble(z, [torch.tensor(0.0)] * len(SHAPES), scale, gain)

@@ -1,4 +1,4 @@
-"""The HyperNetwork over the table of downstream modules, for every head."""
+"""The HyperNetwork over the table of downstream modules, for every head and base."""
 
 from __future__ import annotations
 
@@ -7,14 +7,19 @@ import io
 
 import pytest
 import torch
-from downstreams import CASES, IDS, Case
+from downstreams import CASES, IDS, Case, perturb_update_
 from torch import nn
 from torch.func import functional_call
 
 from torchhyper import HyperNetwork
+from torchhyper.heads import HEAD_NAMES, HEADS
 
 CONTEXT_DIM = 5
-HEADS = ["dense", "chunked", "lowrank", "lora"]
+# Heads that generate tensors from scratch (base="none") as well as updates to a base.
+GENERATING = [h for h, factory in HEADS.items() if not factory.needs_base]
+# (head, base): every named head on a learned base, the generating ones with no base, and a
+# frozen base once.
+VARIANTS = [(h, "learned") for h in HEADS] + [(h, "none") for h in GENERATING] + [("film", "frozen")]
 
 
 def context(batch: int = 8, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -25,12 +30,14 @@ def run(case: Case, module: nn.Module, params: dict, inputs: tuple) -> torch.Ten
     return case.output(functional_call(module, params, inputs))
 
 
-@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize(("head", "base"), VARIANTS, ids=[f"{h}-{b}" for h, b in VARIANTS])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_keys_shapes_gradients_untouched(case: Case, head: str):
+def test_keys_shapes_gradients_untouched(case: Case, head: str, base: str):
     module = case.build().eval()
     before = copy.deepcopy(module.state_dict())
-    hyper = HyperNetwork(CONTEXT_DIM, [16, 12], module, head=head)
+    hyper = HyperNetwork(CONTEXT_DIM, [16, 12], module, head=head, base=base)
+    if base != "none":
+        perturb_update_(hyper)  # as after some training: the update depends on the context
 
     params = hyper(context())
     expected = [(n, p.shape) for n, p in module.named_parameters()]
@@ -40,9 +47,14 @@ def test_keys_shapes_gradients_untouched(case: Case, head: str):
     y = run(case, module, params, inputs)
     assert y.shape == case.output(module(*inputs)).shape
     y.square().sum().backward()
-    missing = [n for n, p in hyper.named_parameters() if p.grad is None or not p.grad.isfinite().all()]
+    trained = {n: p for n, p in hyper.named_parameters() if p.requires_grad}
+    if head == "none":  # no update: the context is not read, only the base learns
+        trained = {n: p for n, p in trained.items() if n.startswith("bases.")}
+    missing = [n for n, p in trained.items() if p.grad is None or not p.grad.isfinite().all()]
     assert not missing, f"no finite gradient reached {missing}"
-    assert any(p.grad.abs().sum() > 0 for p in hyper.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in trained.values())
+    if base == "frozen":
+        assert all(p.grad is None for p in hyper.bases)
 
     # Nothing of the downstream is registered in the hypernetwork, and the module is untouched.
     own = {id(p) for p in module.parameters()}
@@ -54,15 +66,19 @@ def test_keys_shapes_gradients_untouched(case: Case, head: str):
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("head", list(HEADS))
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_reference_downstream_init(case: Case, head: str):
-    """With init="downstream", the generated weights are the module's own: outputs match."""
+def test_starts_exactly_at_the_downstream(case: Case, head: str):
+    """With a base (the default), every head generates exactly the module's current values at
+    construction, in train and eval mode: outputs match."""
     module = case.build().eval()
-    hyper = HyperNetwork(CONTEXT_DIM, [16], module, head=head, init="downstream")
+    hyper = HyperNetwork(CONTEXT_DIM, [16], module, head=head)
     params = hyper(context())
     for name, p in module.named_parameters():
-        torch.testing.assert_close(params[name], p.detach(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(params[name], p.detach(), rtol=0, atol=0)
+    params = hyper.eval()(context())
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(params[name], p.detach(), rtol=0, atol=0)
     inputs = case.inputs()
     with torch.no_grad():
         torch.testing.assert_close(run(case, module, params, inputs), case.output(module(*inputs)))
@@ -83,15 +99,16 @@ def _reference_stats(case: Case, draws: int = 64) -> dict[str, tuple[float, floa
     return stats
 
 
-@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("head", GENERATING)
 @pytest.mark.parametrize("case", [c for c in CASES if c.name != "unet"], ids=[i for i in IDS if i != "unet"])
 def test_init_std_matches_pytorch(case: Case, head: str):
+    """With base="none", generated tensors have the statistics of PyTorch's default init."""
     reference = _reference_stats(case)
     generated: dict[str, list[torch.Tensor]] = {}
     module = case.build()
     for seed in range(16):
         torch.manual_seed(seed)
-        hyper = HyperNetwork(CONTEXT_DIM, [16, 12], module, head=head)
+        hyper = HyperNetwork(CONTEXT_DIM, [16, 12], module, head=head, base="none")
         with torch.no_grad():
             for n, v in hyper(context()).items():
                 generated.setdefault(n, []).append(v.flatten())
@@ -112,7 +129,7 @@ def test_init_std_matches_pytorch(case: Case, head: str):
                          ids=lambda c: c.name)
 def test_dtype_and_state_dict_round_trip(case: Case):
     module = case.build().eval().double()
-    hyper = HyperNetwork(CONTEXT_DIM, [16], module).double()
+    hyper = perturb_update_(HyperNetwork(CONTEXT_DIM, [16], module)).double().eval()
     c = context(dtype=torch.float64)
     params = hyper(c)
     assert all(v.dtype == torch.float64 for v in params.values())
@@ -123,7 +140,7 @@ def test_dtype_and_state_dict_round_trip(case: Case):
     torch.save(hyper.state_dict(), buffer)
     buffer.seek(0)
     torch.manual_seed(123)
-    other = HyperNetwork(CONTEXT_DIM, [16], module).double()
+    other = HyperNetwork(CONTEXT_DIM, [16], module).double().eval()
     assert list(other.state_dict()) == list(hyper.state_dict())
     other.load_state_dict(torch.load(buffer, weights_only=True))
     for name, value in other(c).items():
@@ -133,7 +150,14 @@ def test_dtype_and_state_dict_round_trip(case: Case):
 def test_state_dict_keys_are_named():
     hyper = HyperNetwork(3, [8, 8], nn.Linear(2, 2), head="chunked")
     assert list(hyper.state_dict()) == [
-        "gain", "scale", "offset", "counts",
+        "gain", "scale", "center", "center_calls",
+        "encoder.0.weight", "encoder.0.bias", "encoder.2.weight", "encoder.2.bias",
+        "head.embeddings", "head.weight", "head.bias", "head.mix.weight", "head.mix.bias",
+        "bases.0", "bases.1",
+    ]
+    hyper = HyperNetwork(3, [8, 8], nn.Linear(2, 2), head="chunked", base="none")
+    assert list(hyper.state_dict()) == [
+        "gain", "scale", "offset",
         "encoder.0.weight", "encoder.0.bias", "encoder.2.weight", "encoder.2.bias",
         "head.embeddings", "head.weight", "head.bias", "head.mix.weight", "head.mix.bias",
     ]
@@ -142,7 +166,7 @@ def test_state_dict_keys_are_named():
 def test_gradients_match_explicit_functional():
     """Gradients through functional_call equal those of a hand-written F re-implementation."""
     module = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-    hyper = HyperNetwork(4, [16], module, head="dense")
+    hyper = perturb_update_(HyperNetwork(4, [16], module, head="dense")).eval()  # center fixed
     x = torch.randn(10, 4)
 
     def loss_via(call):
@@ -226,8 +250,12 @@ def test_input_shapes_flatten():
         ({"hidden_sizes": []}, ValueError, r"hidden_sizes must be a non-empty list of positive ints, got \[\]"),
         ({"hidden_sizes": [8, -1]}, ValueError, r"got \[8, -1\]"),
         ({"downstream": "net"}, TypeError, "downstream must be a torch.nn.Module, got str"),
-        ({"head": "huge"}, ValueError, r"head must be one of \['auto', 'chunked', 'dense', 'lora', 'lowrank'\]"),
+        ({"head": "huge"}, ValueError, "head must be one of " + str(list(HEAD_NAMES)).replace("[", r"\[")),
         ({"init": "zeros"}, ValueError, "init must be 'default' or 'downstream', got 'zeros'"),
+        ({"base": "pretrained"}, ValueError, r"base must be one of \['learned', 'frozen', 'none'\], got 'pretrained'"),
+        ({"init": "default"}, ValueError, "init='default' .* needs base='none'; base='learned' starts at"),
+        ({"base": "none", "init": "downstream"}, ValueError, "init='downstream' needs a base: use base='frozen'"),
+        ({"base": "none", "head": "film"}, ValueError, "FiLMHead modulates a base, but base='none'"),
         ({"downstream": nn.ReLU()}, ValueError, "ReLU has no parameters"),
     ],
 )
@@ -274,6 +302,68 @@ def test_pool_callable_and_errors():
     torch.testing.assert_close(hyper(x)["weight"], hyper(x[:1])["weight"])
     with pytest.raises(ValueError, match=r"pool must be one of \['max', 'mean', 'sum'\] or a callable, got 'median'"):
         HyperNetwork(3, [8], nn.Linear(2, 2), pool="median")
+
+
+def test_no_update_trains_exactly_like_direct_training():
+    """With a learned base and no update, training through the hypernetwork is direct training,
+    step for step: same losses, same weights (Adam, lr 1e-3, BatchNorm in train mode)."""
+    torch.manual_seed(0)
+    direct = nn.Sequential(nn.Linear(6, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
+    downstream = copy.deepcopy(direct).requires_grad_(False)
+    hyper = HyperNetwork(6, [32, 64, 96], downstream, head="none")
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (direct, hyper)]
+    for _ in range(30):
+        x, y = torch.randn(16, 6), torch.randn(16, 3)
+        losses = []
+        for optimizer, forward in zip(optimizers, [direct, lambda x: functional_call(downstream, hyper(x), x)]):
+            loss = (forward(x) - y).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) <= 1e-6 * max(1.0, abs(losses[0]))
+    for (name, p), base in zip(direct.named_parameters(), hyper.bases):
+        torch.testing.assert_close(base, p.detach(), rtol=0, atol=1e-6, msg=name)
+
+
+def test_update_reads_the_embedding_minus_its_running_mean():
+    """In training mode each call first moves ``center`` toward the mean of its embeddings
+    (every call so far is averaged, then a 1/100 running mean); eval mode leaves it."""
+    hyper = perturb_update_(HyperNetwork(3, [8], nn.Linear(2, 2)))
+    seen = []
+    for _ in range(3):
+        x = torch.randn(5, 3)
+        seen.append(hyper.norm(hyper.embed(x)).detach())
+        hyper(x)
+    torch.testing.assert_close(hyper.center, torch.stack(seen).mean(0))
+    assert hyper.center_calls.item() == 3
+    # Past 100 calls, a running mean with rate 1/100.
+    hyper.center_calls.fill_(1000)
+    center, x = hyper.center.clone(), torch.randn(5, 3)
+    z = hyper.norm(hyper.embed(x)).detach()
+    hyper(x)
+    torch.testing.assert_close(hyper.center, center + (z - center) / 100)
+    hyper.eval()
+    center = hyper.center.clone()
+    a, b = hyper(torch.randn(5, 3)), hyper(torch.randn(5, 3))
+    torch.testing.assert_close(hyper.center, center, rtol=0, atol=0)
+    assert not torch.allclose(a["weight"], b["weight"])
+
+
+def test_frozen_base_is_fixed():
+    module = nn.Linear(3, 2)
+    hyper = HyperNetwork(3, [8], module, head="film", base="frozen")
+    assert all(not b.requires_grad for b in hyper.bases)
+    assert "base='frozen'" in repr(hyper)
+    optimizer = torch.optim.Adam([p for p in hyper.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        x = torch.randn(4, 3)
+        loss = functional_call(module, hyper(x), x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.testing.assert_close(hyper.bases[0], module.weight.detach(), rtol=0, atol=0)
+    assert hyper.head.linear.weight.abs().sum() > 0  # the update learned
 
 
 def test_follows_device_moves():

@@ -244,14 +244,16 @@ def test_unet_under_plain_vmap_needs_vmap_compatible():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("init", ["default", "downstream"])
-def test_many_sets_fold_scale_into_dense_head(init):
+@pytest.mark.parametrize("base", ["none", "learned"])
+def test_many_sets_fold_scale_into_dense_head(base):
     """With more sets than embedding features, the dense head's weights carry the per-tensor
-    scale and offset: same values and gradients as generating the sets one by one."""
+    scale and base: same values and gradients as generating the sets one by one (in eval
+    mode, where the embeddings' running mean stays put)."""
     module = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Linear(6, 2))
-    hyper = HyperNetwork(CONTEXT_DIM, [8], module, head="dense", init=init)
+    hyper = HyperNetwork(CONTEXT_DIM, [8], module, head="dense", base=base).eval()
     with torch.no_grad():
         hyper.gain.uniform_(0.5, 1.5)  # make every tensor depend on the head
+        hyper.head.weight.normal_(0, 0.3)
     c = torch.randn(20, CONTEXT_DIM)  # 20 sets > 8 features: the folded path
     folded = hyper.per_sample(c)
     one_by_one = [hyper(c[i : i + 1]) for i in range(20)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from downstreams import perturb_update_
 from torch import nn
 from torch.func import functional_call
 
@@ -14,7 +15,7 @@ POOLS = ["mean", "sum", "max", "attention"]
 
 @pytest.mark.parametrize("pool", POOLS)
 def test_permutation_invariant_any_set_size(pool):
-    hyper = HyperNetwork(3, [16, 8], nn.Linear(2, 2), pool=pool)
+    hyper = perturb_update_(HyperNetwork(3, [16, 8], nn.Linear(2, 2), pool=pool)).eval()
     x = torch.randn(9, 3)
     a, b = hyper(x), hyper(x[torch.randperm(9)])
     for n in a:
@@ -26,7 +27,7 @@ def test_permutation_invariant_any_set_size(pool):
 
 
 def test_attention_pool_is_trained_and_registered():
-    hyper = HyperNetwork(3, [16], nn.Linear(2, 2), pool="attention")
+    hyper = perturb_update_(HyperNetwork(3, [16], nn.Linear(2, 2), pool="attention")).eval()
     assert isinstance(hyper.pool, AttentionPool)
     names = [n for n, _ in hyper.named_parameters() if n.startswith("pool.")]
     assert "pool.seed" in names and "pool.attention.in_proj_weight" in names
@@ -63,7 +64,7 @@ def test_unknown_pool_names_attention():
 def test_context_differs_from_downstream_input():
     """The hypernetwork reads a context c; the downstream reads its own inputs x."""
     downstream = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
-    hyper = HyperNetwork(7, [16], downstream, pool="attention")
+    hyper = perturb_update_(HyperNetwork(7, [16], downstream, pool="attention")).eval()
     c = torch.randn(12, 7)  # e.g. 12 observed (input, output) pairs of a task
     x = torch.randn(30, 2)  # where the generated downstream is evaluated
     params = hyper(c)

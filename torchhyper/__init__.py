@@ -3,7 +3,16 @@ r"""torchhyper: modular hypernetworks for any ``torch.nn.Module``."""
 from torchhyper.batched import per_sample_call, vmap_compatible
 from torchhyper.embedding import EmbeddingHyperNetwork, output_regularizer
 from torchhyper.functional import bind, load_params, materialize
-from torchhyper.heads import ChunkedHead, DenseHead, Head, LoRAHead, LowRankHead, summary
+from torchhyper.heads import (
+    ChunkedHead,
+    DenseHead,
+    FiLMHead,
+    Head,
+    LoRAHead,
+    LowRankHead,
+    NoUpdate,
+    summary,
+)
 from torchhyper.model import HyperNetwork
 from torchhyper.pooling import AttentionPool
 
@@ -17,6 +26,8 @@ __all__ = [
     "vmap_compatible",
     "output_regularizer",
     "Head",
+    "FiLMHead",
+    "NoUpdate",
     "DenseHead",
     "ChunkedHead",
     "LowRankHead",

@@ -26,9 +26,9 @@ class EmbeddingHyperNetwork(_Generator):
 
     ``forward(ids)`` embeds the ids with an ``nn.Embedding(num_embeddings, embedding_dim)``,
     passes them through an optional MLP with ``hidden_sizes``, and then through the same
-    normalization, head and init as :class:`~torchhyper.HyperNetwork`, so each id's generated
-    tensors start at the scale of PyTorch's default init (or exactly at the downstream's
-    weights with ``init="downstream"``).
+    normalization, base and head as :class:`~torchhyper.HyperNetwork`: by default each id's
+    tensors are a learned base, starting at the downstream's values, plus an update conditioned
+    on the id's embedding minus the running mean of the embeddings.
 
     Args:
         num_embeddings: How many ids: valid ids are ``0 .. num_embeddings - 1``.
@@ -37,9 +37,10 @@ class EmbeddingHyperNetwork(_Generator):
         hidden_sizes: Widths of an MLP between the embedding and the head; default none.
         include: Glob pattern(s) of parameter names to generate. Default: all.
         exclude: Glob pattern(s) of parameter names not to generate.
-        head: As for :class:`~torchhyper.HyperNetwork`: ``"auto"``, ``"dense"``,
-            ``"chunked"``, ``"lowrank"`` or a callable ``(in_features, shapes) -> Head``.
-        init: ``"default"`` or ``"downstream"``, as for :class:`~torchhyper.HyperNetwork`.
+        head: As for :class:`~torchhyper.HyperNetwork`: ``"auto"``, a name of
+            :data:`torchhyper.heads.HEADS`, or a callable ``(in_features, shapes) -> module``.
+        base: ``"learned"``, ``"frozen"`` or ``"none"``, as for :class:`~torchhyper.HyperNetwork`.
+        init: Follows ``base``, as for :class:`~torchhyper.HyperNetwork`.
         activation: The MLP's activation module class.
 
     Example:
@@ -65,7 +66,8 @@ class EmbeddingHyperNetwork(_Generator):
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
         head: Union[str, HeadFactory] = "auto",
-        init: Literal["default", "downstream"] = "default",
+        base: Literal["learned", "frozen", "none"] = "learned",
+        init: Literal["default", "downstream"] | None = None,
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
@@ -84,7 +86,9 @@ class EmbeddingHyperNetwork(_Generator):
             layers += [nn.Linear(n_in, n_out), activation()]
         self.encoder = nn.Sequential(*layers)
         width = sizes[-1] if sizes else embedding_dim
-        self._build(downstream, width, include=include, exclude=exclude, head=head, init=init)
+        self._build(
+            downstream, width, include=include, exclude=exclude, head=head, init=init, base=base
+        )
 
     def forward(self, ids: int | Tensor) -> dict[str, Tensor]:
         r"""Generates the parameters for ``ids``.

@@ -1,34 +1,52 @@
-r"""Heads: the last stage of a hypernetwork, from an embedding to every generated value.
+r"""Heads: the last stage of a hypernetwork, from an embedding to every generated tensor.
 
-A head maps an embedding ``z`` of shape ``(*, H)`` to raw values ``(*, N)``, the concatenation of
-all generated tensors (flattened, in the order of the ``shapes`` it was built with). The
-hypernetwork then scales and shifts each tensor to its init statistics, so every head has one
-contract: **at init, given an embedding with zero mean and unit variance over its H features, its
-raw values have zero mean and unit variance.** Heads are swapped with the ``head=`` argument of
-:class:`~torchhyper.model.HyperNetwork`, which takes a name or any callable
-``(in_features, shapes) -> Head``, e.g. ``functools.partial(ChunkedHead, chunk_size=512)``.
-The scaling and shifting is :meth:`Head.assemble`, which a head may override to fuse it with its
-own computation (:class:`DenseHead` folds it into its weights when generating many sets).
+A hypernetwork generates each tensor from a *base* and an embedding ``z`` of shape ``(*, H)``.
+The head decides how, through one method, :meth:`Head.assemble`, which maps ``z``, the bases,
+and the per-tensor ``scale`` and learned ``gain`` to the flat generated tensors
+``(*, numel_i)``. Most heads compute raw values ``h = head(z)`` of shape ``(*, N)`` (every
+tensor flattened and concatenated, in the order of ``shapes``), and the default assembly is
+``base_i + scale_i * gain_i * h_i``: ``gain`` sets the size of each tensor's update.
 
-Trade-offs, with ``N`` generated values in ``T`` tensors, an embedding of width ``H`` and rank
-``r`` (measured on a set-conditioned task in ``benchmarks/heads.py``):
+The base is chosen with ``HyperNetwork(..., base=)``:
 
-* dense: ``(H + 1) N`` parameters, ``H N`` multiply-adds. Small downstreams (a GMM): the best
-  fit, but about 80x the cost of training a 269 k MLP directly.
-* LoRA (:class:`LoRAHead`): ``r (sum(rows + cols) + T (H + 1))`` parameters, ``r N``. Large
-  downstreams: a fixed random base plus conditioned rank-``r`` updates.
+* ``"learned"`` (the default) and ``"frozen"``: the downstream's own current values, a trained
+  parameter or a fixed buffer, and the head generates an *update*. Every built-in head then
+  starts at exactly zero (:meth:`Head.zero_update_`), so the hypernetwork starts at the
+  downstream's values.
+* ``"none"``: the original torchhyper's full generation. The base is the scalar mean of each
+  tensor's default init, ``scale`` its std, and the head's raw values must have **zero mean and
+  unit variance at init, given an embedding of zero mean and unit variance over its H features.**
+
+Heads are swapped with ``head=``, which takes a name of :data:`HEADS`, ``"auto"``, or any
+callable ``(in_features, shapes) -> module``, e.g. ``functools.partial(LoRAHead, rank=16)``. A
+module that is not a :class:`Head` must map ``(*, H) -> (*, N)``; it is wrapped once, and its
+output width is checked on a dummy embedding when the hypernetwork is built.
+
+Trade-offs, with ``N`` generated values in ``T`` tensors of ``R`` rows in all (a tensor's rows
+are its first dimension), an embedding of width ``H`` and rank ``r``; measured against training
+the downstream directly in ``benchmarks/quality.py`` and ``benchmarks/heads.py``:
+
+* FiLM (:class:`FiLMHead`): ``H (R + V)`` parameters (``V`` the values of the vectors),
+  ``N`` multiply-adds. Scales each row of each base by ``1 + g(z)`` and shifts vectors: the
+  ``auto`` choice with a base above 4096 values.
+* dense: ``(H + 1) N`` parameters, ``H N`` multiply-adds. Small downstreams (a GMM, a flow): the
+  best fit, but about 80x the cost of training a 269 k MLP directly.
+* LoRA (:class:`LoRAHead`): ``r (sum(rows + cols) + T (H + 1))`` parameters, ``r N``. With no
+  base, a fixed random base plus conditioned rank-``r`` updates.
 * chunked: ``r (C + H + d) + d N / C`` parameters, ``r N``. The smallest heads, but its values
   have rank at most ``r + 1`` as a (chunks, C) matrix, and it fits poorly.
-* low-rank: ``r (rows + cols)`` per matrix, ``r N``. Purely low-rank weights, e.g. updates
-  with ``init="downstream"``.
+* low-rank: ``r (rows + cols)`` per matrix, ``r N``. Purely low-rank updates.
+* none (:class:`NoUpdate`): no parameters; every tensor is its base, so a learned base trains
+  exactly as the downstream trained directly.
 
-``head="auto"`` takes the dense head up to 4096 generated values, and otherwise
-:class:`LoRAHead` with the largest rank (at most 16) that keeps it within 0.125x the generated
-values, leaving the rest of a 0.25x budget to the encoder. :func:`summary` reports the choice.
+``head="auto"`` takes the dense head up to 4096 generated values. Above that it takes
+:class:`FiLMHead` on a base and, with ``base="none"``, :class:`LoRAHead` with the largest rank
+(at most 16) that keeps it within 0.125x the generated values. :func:`summary` reports the choice.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Union
@@ -39,12 +57,15 @@ from torch import Tensor, nn
 
 __all__ = [
     "Head",
+    "FiLMHead",
+    "NoUpdate",
     "DenseHead",
     "ChunkedHead",
     "LowRankHead",
     "LoRAHead",
     "HeadFactory",
     "HEADS",
+    "HEAD_NAMES",
     "summary",
 ]
 
@@ -57,6 +78,9 @@ class Head(nn.Module):
         shapes: The shapes of the generated tensors, in output order.
     """
 
+    #: Whether the head only modulates a base (it cannot generate tensors from scratch).
+    needs_base: bool = False
+
     def __init__(self, in_features: int, shapes: Sequence[Sequence[int]]) -> None:
         super().__init__()
         self.in_features = in_features
@@ -67,28 +91,126 @@ class Head(nn.Module):
     def forward(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def assemble(self, z: Tensor, coef: Tensor, offsets: Sequence[Tensor]) -> list[Tensor]:
-        r"""The generated values ``offset_i + coef_i * h_i``, tensor by tensor.
+    def assemble(
+        self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
+    ) -> list[Tensor]:
+        r"""The generated values ``base_i + scale_i * gain_i * h_i``, tensor by tensor.
 
         Args:
             z: Embeddings, ``(*, H)``.
-            coef: Per-tensor scales, ``(T,)``.
-            offsets: Per tensor, a scalar or a flat ``(numel_i,)`` offset.
+            bases: Per tensor, a scalar (``base="none"``) or the flat ``(numel_i,)`` base.
+            scale: Per-tensor scales, ``(T,)``: the std of a tensor's values.
+            gain: Per-tensor learned gains, ``(T,)``.
 
         Returns:
             Flat values ``(*, numel_i)`` per tensor.
         """
-        return _assemble(self(z), coef, offsets, self.numels)
+        return _assemble(self(z), scale * gain, bases, self.numels)
+
+    def zero_update_(self) -> bool:
+        r"""Makes the head's raw values exactly zero for every embedding, in place, keeping it
+        trainable: the start of an update to a base. Returns whether the head can (the base
+        class cannot; the hypernetwork then starts that head's per-tensor gains at zero)."""
+        return False
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, tensors={len(self.shapes)}, numel={self.numel}"
 
 
-def _assemble(raw: Tensor, coef: Tensor, offsets: Sequence[Tensor], numels: list[int]) -> list[Tensor]:
-    # Tensor by tensor, with scalar scale and offset: no N-sized copies of them, whose backward
+def _assemble(raw: Tensor, coef: Tensor, bases: Sequence[Tensor], numels: list[int]) -> list[Tensor]:
+    # Tensor by tensor, with scalar coefficients: no N-sized copies of them, whose backward
     # (an index_add over N values) cost as much as a small downstream's step.
     parts = raw.split(numels, dim=-1)
-    return [torch.addcmul(o, h, c) for h, c, o in zip(parts, coef.unbind(), offsets)]
+    return [torch.addcmul(b, h, c) for h, c, b in zip(parts, coef.unbind(), bases)]
+
+
+class _ModuleHead(Head):
+    """Any module ``(*, H) -> (*, N)`` that a head factory returned, as a :class:`Head`."""
+
+    def __init__(self, module: nn.Module, in_features: int, shapes: Sequence[Sequence[int]]) -> None:
+        super().__init__(in_features, shapes)
+        self.module = module
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.module(z)
+
+
+class NoUpdate(Head):
+    r"""No update and no parameters: every generated tensor is its base.
+
+    With ``base="learned"`` the hypernetwork then trains the downstream's parameters exactly as
+    training the downstream directly does, step for step; with ``base="frozen"`` it generates the
+    downstream as it is. It needs a base.
+    """
+
+    needs_base = True
+
+    def assemble(
+        self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
+    ) -> list[Tensor]:
+        batch = z.shape[:-1]
+        return [b.expand(*batch, b.numel()) if batch else b for b in bases]
+
+    def zero_update_(self) -> bool:
+        return True
+
+
+class FiLMHead(Head):
+    r"""Modulates a base: each row of each tensor is scaled by ``1 + g(z)``, and each vector is
+    also shifted: ``theta_i(z) = (1 + gain_i g_i(z)) * base_i + scale_i gain_i s_i(z)``.
+
+    A tensor's rows are its first dimension (a Linear's or a Conv's output channels); vectors
+    (biases, norm scales) and scalars are scaled and shifted value by value. ``g`` and ``s`` are
+    one linear map of the embedding, zero at init, so the hypernetwork starts at the base. This
+    is the weight-scaling hypernetwork of Ha et al. 2016 and FiLM's feature-wise modulation
+    (Perez et al. 2018), applied to the weights.
+
+    Learning dynamics: ``g`` moves at the rate of a dense head's output, so a generated weight
+    moves by about ``|base| * lr * ||z - center||_1`` per Adam step: the rate of a dense head, on
+    ``H (R + V)`` parameters instead of ``(H + 1) N``.
+
+    Args:
+        in_features: The embedding width ``H``.
+        shapes: The shapes of the generated tensors.
+
+    References:
+        | HyperNetworks (Ha, Dai and Le, 2016) https://arxiv.org/abs/1609.09106
+        | FiLM: Visual Reasoning with a General Conditioning Layer (Perez et al., 2018)
+        | https://arxiv.org/abs/1709.07871
+    """
+
+    needs_base = True
+
+    def __init__(self, in_features: int, shapes: Sequence[Sequence[int]]) -> None:
+        super().__init__(in_features, shapes)
+        self.matrices = [_as_matrix(s) for s in self.shapes]
+        # Per tensor: `rows` row scales, and for vectors (one column) `rows` shifts too.
+        self.widths = [rows * (2 if cols == 1 else 1) for rows, cols in self.matrices]
+        self.linear = nn.Linear(in_features, sum(self.widths))
+        self.zero_update_()
+
+    def assemble(
+        self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
+    ) -> list[Tensor]:
+        if any(b.numel() != n for b, n in zip(bases, self.numels)):
+            raise ValueError("FiLMHead modulates a base: build the hypernetwork with base='learned' or 'frozen'")
+        batch = z.shape[:-1]
+        out = []
+        parts = self.linear(z).split(self.widths, dim=-1)
+        for g, s, a, base, (rows, cols) in zip(parts, scale.unbind(), gain.unbind(), bases, self.matrices):
+            if cols == 1:
+                factor, shift = g.chunk(2, dim=-1)
+                out.append(torch.addcmul(torch.addcmul(base, base, factor * a), shift, s * a))
+            else:
+                value = base.view(rows, cols) * torch.addcmul(torch.ones_like(g), g, a).unsqueeze(-1)
+                out.append(value.view(*batch, rows * cols))
+        return out
+
+    def zero_update_(self) -> bool:
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.bias.zero_()
+        return True
 
 
 class DenseHead(Head):
@@ -107,15 +229,23 @@ class DenseHead(Head):
     def forward(self, z: Tensor) -> Tensor:
         return F.linear(z, self.weight, self.bias)
 
-    def assemble(self, z: Tensor, coef: Tensor, offsets: Sequence[Tensor]) -> list[Tensor]:
+    def assemble(
+        self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
+    ) -> list[Tensor]:
         if z[..., 0].numel() <= self.in_features:
-            return super().assemble(z, coef, offsets)
-        # Many sets at once (per sample): folding the per-value scale and offset into the
+            return super().assemble(z, bases, scale, gain)
+        # Many sets at once (per sample): folding the per-value scale and base into the
         # weights costs N * H operations instead of B * N, forward and backward.
-        scale = torch.cat([c.expand(n) for c, n in zip(coef.unbind(), self.numels)])
-        offset = torch.cat([o.expand(n) for o, n in zip(offsets, self.numels)])
+        scale = torch.cat([c.expand(n) for c, n in zip((scale * gain).unbind(), self.numels)])
+        base = torch.cat([b.expand(n) for b, n in zip(bases, self.numels)])
         weight = self.weight * scale.unsqueeze(-1)
-        return list(F.linear(z, weight, torch.addcmul(offset, scale, self.bias)).split(self.numels, dim=-1))
+        return list(F.linear(z, weight, torch.addcmul(base, scale, self.bias)).split(self.numels, dim=-1))
+
+    def zero_update_(self) -> bool:
+        with torch.no_grad():
+            self.weight.zero_()
+            self.bias.zero_()
+        return True
 
 
 class ChunkedHead(Head):
@@ -166,6 +296,12 @@ class ChunkedHead(Head):
         a = F.rms_norm(F.relu(a), a.shape[-1:])  # (*, chunks, rank), unit scale
         h = F.linear(a, self.weight, self.bias)  # (*, chunks, chunk_size)
         return h.flatten(-2)[..., : self.numel]
+
+    def zero_update_(self) -> bool:
+        with torch.no_grad():
+            self.weight.zero_()
+            self.bias.zero_()
+        return True
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}, chunks={self.chunks}"
@@ -222,6 +358,12 @@ class LowRankHead(Head):
                 parts[i] = small[k]
         return torch.cat(parts, dim=-1)
 
+    def zero_update_(self) -> bool:
+        with torch.no_grad():
+            for right in self.right:
+                right.zero_()
+        return self.small is None or self.small.zero_update_()
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"
 
@@ -276,19 +418,26 @@ class LoRAHead(Head):
         c = self.coefficients(z).unflatten(-1, (len(self.shapes), self.rank)) / math.sqrt(self.rank)
         lefts = [left * c[..., k, None, :] for k, left in enumerate(self.left)]  # (*, rows, r)
         if not batch and not torch.compiler.is_compiling():
-            return _LowRankPlusBase.apply(self.noise, self.matrices, *lefts, *self.right)
+            return _LowRankPlusBase.apply(self.noise, self.numel, self.matrices, *lefts, *self.right)
+        bases = [None] * len(self.shapes) if self.noise is None else self.noise.split(self.numels)
         parts = []
-        for left, right, base, (rows, cols) in zip(
-            lefts, self.right, self.noise.split(self.numels), self.matrices
-        ):
-            part = torch.matmul(left, right.T) + base.view(rows, cols)
-            parts.append(part.flatten(-2))
+        for left, right, base, (rows, cols) in zip(lefts, self.right, bases, self.matrices):
+            part = torch.matmul(left, right.T)
+            parts.append((part if base is None else part + base.view(rows, cols)).flatten(-2))
         return torch.cat(parts, dim=-1)
+
+    def zero_update_(self) -> bool:
+        # An update to a base: no random base of its own, and B = 0 gives exactly zero.
+        self.noise = None
+        with torch.no_grad():
+            for right in self.right:
+                right.zero_()
+        return True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        # The base is not saved: regenerate it from the loaded seed.
-        self.noise = _noise(int(self.seed), self.numels).to(self.noise.device, self.noise.dtype)
+        if self.noise is not None:  # the base is not saved: regenerate it from the loaded seed
+            self.noise = _noise(int(self.seed), self.numels).to(self.noise.device, self.noise.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"
@@ -300,15 +449,20 @@ class _LowRankPlusBase(torch.autograd.Function):
     ``L^T G``, the fast layout when the rank is small."""
 
     @staticmethod
-    def forward(ctx, base: Tensor, matrices: list[tuple[int, int]], *factors: Tensor) -> Tensor:
+    def forward(
+        ctx, base: Tensor | None, numel: int, matrices: list[tuple[int, int]], *factors: Tensor
+    ) -> Tensor:
         lefts, rights = factors[: len(matrices)], factors[len(matrices) :]
-        out = torch.empty_like(base)
+        out = lefts[0].new_empty(numel)
         start = 0
         for (rows, cols), left, right in zip(matrices, lefts, rights):
             end = start + rows * cols
             if end > start:
                 view = out[start:end].view(rows, cols)
-                torch.addmm(base[start:end].view(rows, cols), left, right.T, out=view)
+                if base is None:
+                    torch.mm(left, right.T, out=view)
+                else:
+                    torch.addmm(base[start:end].view(rows, cols), left, right.T, out=view)
             start = end
         ctx.matrices = matrices
         ctx.save_for_backward(*factors)
@@ -319,7 +473,7 @@ class _LowRankPlusBase(torch.autograd.Function):
         matrices = ctx.matrices
         factors = ctx.saved_tensors
         lefts, rights = factors[: len(matrices)], factors[len(matrices) :]
-        needs = ctx.needs_input_grad[2:]
+        needs = ctx.needs_input_grad[3:]
         grad = grad.contiguous()
         grad_lefts: list[Tensor | None] = []
         grad_rights: list[Tensor | None] = []
@@ -329,7 +483,7 @@ class _LowRankPlusBase(torch.autograd.Function):
             start += rows * cols
             grad_lefts.append(g @ right if needs[k] else None)
             grad_rights.append((left.T @ g).T if needs[len(matrices) + k] else None)
-        return None, None, *grad_lefts, *grad_rights
+        return None, None, None, *grad_lefts, *grad_rights
 
 
 def _as_matrix(shape: torch.Size) -> tuple[int, int]:
@@ -350,53 +504,67 @@ def _noise(seed: int, numels: list[int]) -> Tensor:
     return noise.float()
 
 
-HeadFactory = Callable[[int, Sequence[Sequence[int]]], Head]
+HeadFactory = Callable[[int, Sequence[Sequence[int]]], nn.Module]
 
+#: The named heads: ``head=NAME`` takes ``HEADS[NAME](in_features, shapes)``. Register a head
+#: by adding it here; validation, the experiments' configs and the tests read this dict.
 HEADS: dict[str, HeadFactory] = {
+    "film": FiLMHead,
     "dense": DenseHead,
+    "lora": LoRAHead,
     "chunked": ChunkedHead,
     "lowrank": LowRankHead,
-    "lora": LoRAHead,
+    "none": NoUpdate,
 }
+#: Every name ``head=`` takes: ``"auto"`` (see :func:`auto_head`) and the keys of :data:`HEADS`.
+HEAD_NAMES: tuple[str, ...] = ("auto", *HEADS)
 
 # Up to this many generated values, head="auto" takes the dense head: at most about 400 k
 # parameters for H = 96, the fastest to train and the best at fitting (a GMM, a small flow).
 _AUTO_DENSE_MAX = 4096
-# Above it, LoRAHead with the largest rank up to _AUTO_MAX_RANK whose parameters stay within
-# _AUTO_HEAD_SHARE of the generated values: the rest of the 0.25x budget is the encoder's.
+# With no base and above it, LoRAHead with the largest rank up to _AUTO_MAX_RANK whose
+# parameters stay within _AUTO_HEAD_SHARE of the generated values.
 _AUTO_MAX_RANK = 16
 _AUTO_HEAD_SHARE = 0.125
 
 
-def _auto_head(in_features: int, shapes: Sequence[Sequence[int]]) -> Head:
-    """``head="auto"``: dense for at most ``_AUTO_DENSE_MAX`` values, else :class:`LoRAHead`
-    with the largest rank (at most 16) that keeps it within 0.125x the generated values."""
+def auto_head(in_features: int, shapes: Sequence[Sequence[int]], *, base: bool = True) -> Head:
+    r"""The head ``head="auto"`` builds: :class:`DenseHead` for at most 4096 generated values;
+    above that :class:`FiLMHead` on a base, or with no base a :class:`LoRAHead` with the
+    largest rank (at most 16) that keeps it within 0.125x the generated values.
+
+    Args:
+        in_features: The embedding width ``H``.
+        shapes: The shapes of the generated tensors.
+        base: Whether the hypernetwork has a base (``base="learned"`` or ``"frozen"``).
+    """
     sizes = [torch.Size(s) for s in shapes]
     numel = sum(s.numel() for s in sizes)
     if numel <= _AUTO_DENSE_MAX:
         return DenseHead(in_features, shapes)
+    if base:
+        return FiLMHead(in_features, shapes)
     per_rank = sum(sum(_as_matrix(s)) + in_features + 1 for s in sizes)
     rank = int(min(_AUTO_MAX_RANK, max(1, _AUTO_HEAD_SHARE * numel // per_rank)))
     return LoRAHead(in_features, shapes, rank=rank)
 
 
 def summary(hypernetwork: nn.Module) -> str:
-    r"""A parameter-count report of a hypernetwork: its head, and its size against what it
-    generates.
+    r"""A parameter-count report of a hypernetwork: its head, its base, and its size against
+    what it generates.
 
     Args:
-        hypernetwork: A :class:`~torchhyper.HyperNetwork` (anything with a ``head`` submodule
-            and a ``numel`` attribute, the number of generated values).
+        hypernetwork: A :class:`~torchhyper.HyperNetwork` or
+            :class:`~torchhyper.EmbeddingHyperNetwork`.
 
     Returns:
-        A few lines of text, e.g.
-        ``head: LoRAHead(rank=8) | generated: 269,322 values in 6 tensors | parameters: 57,278
-        (0.213x generated): encoder 33,824, head 23,448, other 6``.
+        A few lines of text: the head, the base, the generated values, and the trained
+        parameters by submodule.
 
     Example:
         >>> hyper = HyperNetwork(4, [32, 64, 96], nn.Linear(300, 300))
-        >>> print(summary(hyper).splitlines()[0])
-        head: LoRAHead(rank=8)
+        >>> print(summary(hyper).splitlines()[:2])
+        ['head: FiLMHead()', 'base: learned (90,300 values, trained)']
     """
     head = getattr(hypernetwork, "head", None)
     if not isinstance(head, nn.Module) or not hasattr(hypernetwork, "numel"):
@@ -405,32 +573,63 @@ def summary(hypernetwork: nn.Module) -> str:
         )
     parts: dict[str, int] = {}
     for name, p in hypernetwork.named_parameters():
-        owner = name.split(".")[0]
-        parts[owner] = parts.get(owner, 0) + p.numel()
+        if p.requires_grad:
+            owner = name.split(".")[0]
+            parts[owner] = parts.get(owner, 0) + p.numel()
     total = sum(parts.values())
     options = ", ".join(
         f"{k}={getattr(head, k)}" for k in ("rank", "chunk_size") if hasattr(head, k)
     )
     tensors = len(getattr(head, "shapes", [])) or "?"
     detail = ", ".join(f"{k} {v:,}" for k, v in parts.items())
+    base = getattr(hypernetwork, "base", "none")
+    how = {"learned": "trained", "frozen": "fixed"}.get(base)
     return (
         f"head: {type(head).__name__}({options})\n"
-        f"generated: {hypernetwork.numel:,} values in {tensors} tensors\n"
-        f"parameters: {total:,} ({total / hypernetwork.numel:.3g}x generated): {detail}"
+        + (f"base: {base} ({hypernetwork.numel:,} values, {how})\n" if how else "base: none\n")
+        + f"generated: {hypernetwork.numel:,} values in {tensors} tensors\n"
+        f"trained parameters: {total:,} ({total / hypernetwork.numel:.3g}x generated): {detail}"
     )
 
 
 def _make_head(
-    head: Union[str, HeadFactory], in_features: int, shapes: Sequence[Sequence[int]]
+    head: Union[str, HeadFactory], in_features: int, shapes: Sequence[Sequence[int]], *, base: bool
 ) -> Head:
+    """Builds ``head=`` as a :class:`Head`, wrapping any other module once, and checks it."""
     if isinstance(head, str):
-        factories = {"auto": _auto_head, **HEADS}
-        if head not in factories:
-            raise ValueError(f"head must be one of {sorted(factories)} or a callable, got {head!r}")
-        head = factories[head]
-    if not callable(head):
+        if head not in HEAD_NAMES:
+            raise ValueError(f"head must be one of {list(HEAD_NAMES)} or a callable, got {head!r}")
+        factory: HeadFactory = functools.partial(auto_head, base=base) if head == "auto" else HEADS[head]
+    elif callable(head):
+        factory = head
+    else:
         raise TypeError(f"head must be a name or a callable (in_features, shapes) -> Head, got {head!r}")
-    module = head(in_features, shapes)
+    module = factory(in_features, shapes)
     if not isinstance(module, nn.Module):
         raise TypeError(f"head factory must return an nn.Module, got {type(module).__name__}")
+    if not isinstance(module, Head):
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        ref = next(module.parameters(), None)
+        dummy = torch.zeros(in_features) if ref is None else ref.new_zeros(in_features)
+        try:
+            with torch.no_grad():
+                out = module(dummy)
+        except Exception as error:
+            raise TypeError(
+                f"head factory returned {type(module).__name__}, which must map an embedding "
+                f"(*, {in_features}) to (*, {numel}) values; calling it on zeros({in_features}) "
+                f"raised {type(error).__name__}: {error}"
+            ) from error
+        if not isinstance(out, Tensor) or out.shape != (numel,):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"head factory returned {type(module).__name__}, which must map an embedding "
+                f"({in_features},) to ({numel},) values (one per generated value), got {got}"
+            )
+        module = _ModuleHead(module, in_features, shapes)
+    if module.needs_base and not base:
+        raise ValueError(
+            f"head {type(module).__name__} modulates a base, but base='none': "
+            "use base='learned' or 'frozen', or a head that generates tensors (e.g. 'dense')"
+        )
     return module

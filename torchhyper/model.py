@@ -43,16 +43,35 @@ class HyperNetwork(_Generator):
     BatchNorm running statistics) are not generated; they stay with the module, and
     ``functional_call`` uses (and, in train mode, updates) the module's own.
 
-    Init. Each generated tensor is ``offset + scale * gain * h``, with ``h`` the head's raw
-    values of unit variance at init. ``offset`` and ``scale`` are the mean and std of the
-    tensor under PyTorch's default init of the downstream, measured at construction, so that
-    generated weights start at the scale the downstream's own init gives them, layer by layer
-    (the goal of hyperfan init, Chang et al. 2020). The learned per-tensor ``gain`` separates
-    each tensor's magnitude from the head, as in the magnitude-invariant parametrizations of
-    Ortiz et al. 2023. Tensors PyTorch sets to constants (norm scales, zero shifts) start with a
-    ``gain`` of 0, so exactly at their constants. With ``init="downstream"``, every tensor is
-    ``theta_0 + scale * gain * h`` with ``theta_0`` the downstream's current values and
-    ``gain = 0``: the hypernetwork starts exactly at a (pretrained) downstream.
+    Base and update. By default (``base="learned"``) each generated tensor is the downstream's
+    own tensor, copied at construction into a trained parameter in weight units (its *base*),
+    plus a conditioned update from the head that is exactly zero at init:
+    ``theta_i(x) = base_i + update_i(z - center)``. So the hypernetwork starts at the
+    downstream's current values, whatever library initialized them (PyTorch, transformers'
+    ``_init_weights``, PEFT's zero ``lora_B``). ``base="frozen"`` keeps the base fixed (adapters
+    of a pretrained downstream, as in Text-to-LoRA or HyperDreamBooth); ``base="none"`` is the
+    original torchhyper's full generation (below).
+
+    Learning dynamics. Under Adam, a base moves each weight by about ``lr`` per step, exactly as
+    training the downstream directly does. The update reads ``z - center``, where ``center``
+    is a running mean of the (normalized) embeddings over training calls, so it carries only what
+    distinguishes one input from the average: the part every input shares is the base's alone,
+    learned at direct training's pace, and an uninformative conditioning adds almost nothing.
+    The heads' outputs start at zero but have full-size gradients (no gain that starts at 0),
+    so the conditioned part moves at a dense head's pace: :class:`~torchhyper.heads.FiLMHead`
+    scales each row of a base by ``1 + g(z - center)``. ``center`` is a buffer, updated in
+    training mode only, like BatchNorm's running mean.
+
+    Full generation (``base="none"``). Each generated tensor is ``offset + scale * gain * h``,
+    with ``h`` the head's raw values of unit variance at init. ``offset`` and ``scale`` are the
+    mean and std of the tensor under PyTorch's default init of the downstream, measured at
+    construction, so that generated weights start at the scale the downstream's own init gives
+    them, layer by layer (the goal of hyperfan init, Chang et al. 2020). The learned per-tensor
+    ``gain`` separates each tensor's magnitude from the head, as in the magnitude-invariant
+    parametrizations of Ortiz et al. 2023. Tensors PyTorch sets to constants (norm scales, zero
+    shifts) start with a ``gain`` of 0, so exactly at their constants. Adam's steps in ``h``
+    then move a weight by about ``scale * lr``: slower than direct training for a bias, faster
+    for a dense head's shared part; measured in ``benchmarks/quality.py``.
 
     Args:
         input_dim: Features per example, ``x[0].numel()``.
@@ -61,12 +80,16 @@ class HyperNetwork(_Generator):
         include: Glob pattern(s) of parameter names to generate; others keep the module's
             own values. Default: all.
         exclude: Glob pattern(s) of parameter names not to generate.
-        head: ``"auto"`` (dense for at most 4096 generated values, else a
-            :class:`~torchhyper.heads.LoRAHead` sized to stay small; see
-            :mod:`torchhyper.heads`), another name of ``torchhyper.heads.HEADS``, or a
-            callable ``(in_features, shapes) -> Head``.
-        init: ``"default"`` starts at the scale of PyTorch's default init; ``"downstream"``
-            starts exactly at the downstream's current values.
+        head: ``"auto"`` (dense for at most 4096 generated values, else
+            :class:`~torchhyper.heads.FiLMHead`, or with ``base="none"`` a
+            :class:`~torchhyper.heads.LoRAHead`; see :func:`~torchhyper.heads.auto_head`),
+            another name of :data:`torchhyper.heads.HEADS`, or a callable
+            ``(in_features, shapes) -> module``.
+        base: ``"learned"`` (a trained copy of the downstream's values, plus the head's
+            update), ``"frozen"`` (a fixed copy, plus the update) or ``"none"`` (the head
+            generates every value, at the statistics of PyTorch's default init).
+        init: Kept for compatibility, and follows ``base``: ``"downstream"`` with a base,
+            ``"default"`` with ``base="none"``; any other pairing is an error.
         pool: How the per-example encodings ``(B, H)`` become one ``(H,)``: ``"mean"`` (the
             original's), ``"sum"``, ``"max"``, ``"attention"`` (a trained
             :class:`~torchhyper.pooling.AttentionPool`), or a callable (e.g. an ``nn.Module``,
@@ -99,7 +122,8 @@ class HyperNetwork(_Generator):
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
         head: Union[str, HeadFactory] = "auto",
-        init: Literal["default", "downstream"] = "default",
+        base: Literal["learned", "frozen", "none"] = "learned",
+        init: Literal["default", "downstream"] | None = None,
         pool: Union[Literal["mean", "sum", "max", "attention"], Pool] = "mean",
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
@@ -121,7 +145,9 @@ class HyperNetwork(_Generator):
             layers += [nn.Linear(n_in, n_out), activation()]
         self.encoder = nn.Sequential(*layers)
         self.pool = _make_pool(pool, sizes[-1])
-        self._build(downstream, sizes[-1], include=include, exclude=exclude, head=head, init=init)
+        self._build(
+            downstream, sizes[-1], include=include, exclude=exclude, head=head, init=init, base=base
+        )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         r"""Generates one set of downstream parameters from the set ``x``.
