@@ -68,8 +68,8 @@ def test_auto_seed_constructor(input_dim):
     mlp = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     hyper = HyperNetwork(input_dim, [32, 64, 96], mlp)
     assert isinstance(hyper.head, FiLMHead) and hyper.base == "learned"
-    # Row scales of the three matrices, scales and shifts of the three biases, from H = 96.
-    assert count(hyper.head) == 97 * ((256 + 256 + 10) + 2 * (256 + 256 + 10))
+    # Row scales of the three matrices, shifts of the three biases, from H = 96.
+    assert count(hyper.head) == 97 * ((256 + 256 + 10) + (256 + 256 + 10))
     assert sum(b.numel() for b in hyper.bases) == hyper.numel == 269_322
     assert "base='learned'" in repr(hyper) and "FiLMHead" in repr(hyper)
     text = summary(hyper).splitlines()
@@ -248,9 +248,8 @@ def test_film_modulates_rows_and_shifts_vectors():
     out = head.assemble(z, bases, scale, gain)
     # (6, 5): each row of the base scaled by 1 + gain * g.
     torch.testing.assert_close(out[0].view(6, 5), bases[0].view(6, 5) * (1 + gain[0] * g[0])[:, None])
-    # (6,): scaled and shifted value by value.
-    factor, shift = g[1].chunk(2)
-    torch.testing.assert_close(out[1], bases[1] * (1 + gain[1] * factor) + scale[1] * gain[1] * shift)
+    # (6,): shifted value by value, in units of its scale.
+    torch.testing.assert_close(out[1], bases[1] + scale[1] * gain[1] * g[1])
     batched = head.assemble(z.expand(2, H), bases, scale, gain)
     for a, b in zip(out, batched):
         torch.testing.assert_close(b[1], a)

@@ -26,9 +26,9 @@ Trade-offs, with ``N`` generated values in ``T`` tensors of ``R`` rows in all (a
 are its first dimension), an embedding of width ``H`` and rank ``r``; measured against training
 the downstream directly in ``benchmarks/quality.py`` and ``benchmarks/heads.py``:
 
-* FiLM (:class:`FiLMHead`): ``H (R + V)`` parameters (``V`` the values of the vectors),
-  ``N`` multiply-adds. Scales each row of each base by ``1 + g(z)`` and shifts vectors: the
-  ``auto`` choice with a base above 4096 values.
+* FiLM (:class:`FiLMHead`): ``(H + 1) (R + V)`` parameters (``R`` rows of the matrices,
+  ``V`` values of the vectors), ``N`` multiply-adds. Scales each row of each matrix by
+  ``1 + g(z)`` and shifts vectors: the ``auto`` choice with a base above 4096 values.
 * dense: ``(H + 1) N`` parameters, ``H N`` multiply-adds. Small downstreams (a GMM, a flow): the
   best fit, but about 80x the cost of training a 269 k MLP directly.
 * LoRA (:class:`LoRAHead`): ``r (sum(rows + cols) + T (H + 1))`` parameters, ``r N``. With no
@@ -156,18 +156,19 @@ class NoUpdate(Head):
 
 
 class FiLMHead(Head):
-    r"""Modulates a base: each row of each tensor is scaled by ``1 + g(z)``, and each vector is
-    also shifted: ``theta_i(z) = (1 + gain_i g_i(z)) * base_i + scale_i gain_i s_i(z)``.
+    r"""Modulates a base: each row of each matrix is scaled, ``theta_i(z) = (1 + gain_i g_i(z))
+    * base_i``, and each vector is shifted, ``theta_i(z) = base_i + scale_i gain_i s_i(z)``.
 
     A tensor's rows are its first dimension (a Linear's or a Conv's output channels); vectors
-    (biases, norm scales) and scalars are scaled and shifted value by value. ``g`` and ``s`` are
-    one linear map of the embedding, zero at init, so the hypernetwork starts at the base. This
-    is the weight-scaling hypernetwork of Ha et al. 2016 and FiLM's feature-wise modulation
-    (Perez et al. 2018), applied to the weights.
+    (biases, norm scales) and scalars are shifted value by value, in units of their spread, so
+    that a zero bias moves too. ``g`` and ``s`` are one linear map of the embedding, zero at
+    init, so the hypernetwork starts at the base. This is the weight-scaling hypernetwork of Ha
+    et al. 2016 and FiLM's feature-wise modulation (Perez et al. 2018), applied to the weights.
 
     Learning dynamics: ``g`` moves at the rate of a dense head's output, so a generated weight
     moves by about ``|base| * lr * ||z - center||_1`` per Adam step: the rate of a dense head, on
-    ``H (R + V)`` parameters instead of ``(H + 1) N``.
+    ``(H + 1) (R + V)`` parameters instead of ``(H + 1) N``, with ``R`` the rows of the
+    matrices and ``V`` the values of the vectors.
 
     Args:
         in_features: The embedding width ``H``.
@@ -184,8 +185,8 @@ class FiLMHead(Head):
     def __init__(self, in_features: int, shapes: Sequence[Sequence[int]]) -> None:
         super().__init__(in_features, shapes)
         self.matrices = [_as_matrix(s) for s in self.shapes]
-        # Per tensor: `rows` row scales, and for vectors (one column) `rows` shifts too.
-        self.widths = [rows * (2 if cols == 1 else 1) for rows, cols in self.matrices]
+        # Per tensor: a scale per row of a matrix, or a shift per value of a vector.
+        self.widths = [rows for rows, _ in self.matrices]
         self.linear = nn.Linear(in_features, sum(self.widths))
         self.zero_update_()
 
@@ -199,8 +200,7 @@ class FiLMHead(Head):
         parts = self.linear(z).split(self.widths, dim=-1)
         for g, s, a, base, (rows, cols) in zip(parts, scale.unbind(), gain.unbind(), bases, self.matrices):
             if cols == 1:
-                factor, shift = g.chunk(2, dim=-1)
-                out.append(torch.addcmul(torch.addcmul(base, base, factor * a), shift, s * a))
+                out.append(torch.addcmul(base, g, s * a))
             else:
                 value = base.view(rows, cols) * torch.addcmul(torch.ones_like(g), g, a).unsqueeze(-1)
                 out.append(value.view(*batch, rows * cols))
