@@ -103,7 +103,7 @@ class _Generator(nn.Module):
         # A base in weight units, at the downstream's current values: Adam on it moves every
         # weight as training the downstream directly would. The head adds a conditioned update,
         # zero at init, on the centered embedding.
-        values = [params[n].detach().to("cpu", torch.float32).clone() for n in names]
+        values = [params[n].detach().to("cpu", torch.float32, copy=True) for n in names]
         self.bases = nn.ParameterList(
             [nn.Parameter(v, requires_grad=base == "learned") for v in values]
         )
@@ -156,9 +156,10 @@ class _Generator(nn.Module):
 
 
 def _spread(value: Tensor) -> float:
-    """The scale of an update to ``value``: its std; for a constant, its magnitude (or 1)."""
-    flat = value.double().flatten()
-    mean = flat.mean().item() if flat.numel() else 0.0
-    if flat.numel() > 1 and (flat - mean).abs().max().item() > 1e-7 * (1.0 + abs(mean)):
-        return flat.std(unbiased=False).item()
-    return abs(mean) or 1.0
+    """The scale of an update to ``value``: the root mean square of its values (1 for zeros).
+
+    The RMS rather than the std: a tensor of two values (a mixture's means) has a spread that
+    says little of the range its values take, and a constant (a norm's scale of 1) is updated
+    in units of itself."""
+    rms = value.square().mean().sqrt().item() if value.numel() else 0.0
+    return rms if rms > 0 else 1.0

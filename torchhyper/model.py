@@ -168,7 +168,8 @@ class HyperNetwork(_Generator):
     def per_set(self, x: Tensor) -> dict[str, Tensor]:
         r"""Generates one parameter set per set, from a batch of ``S`` sets of ``B`` examples.
 
-        ``per_set(x)[name][s]`` equals ``forward(x[s])[name]``, computed in one pass.
+        ``per_set(x)[name][s]`` equals ``forward(x[s])[name]``, computed in one pass (in eval
+        mode; in training mode the running mean of the embeddings takes in all ``S`` at once).
 
         Args:
             x: Sets of examples, ``(S, B, *)`` with ``prod(*) == input_dim``.
@@ -183,7 +184,8 @@ class HyperNetwork(_Generator):
     def per_sample(self, x: Tensor) -> dict[str, Tensor]:
         r"""Generates one parameter set per example: each example is its own set of one.
 
-        ``per_sample(x)[name][i]`` equals ``forward(x[i:i + 1])[name]``. Apply the result to
+        ``per_sample(x)[name][i]`` equals ``forward(x[i:i + 1])[name]`` (in eval mode, as for
+        :meth:`per_set`). Apply the result to
         the downstream in one call with :func:`torchhyper.per_sample_call`.
 
         Args:
