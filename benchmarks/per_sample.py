@@ -8,7 +8,8 @@ hand-written batched forms (broadcast multiply-sum, baddbmm, einsum), by
 ``functional_call``; forward only (no_grad) and forward + backward (gradients to the weights).
 Table 2 (training step): ``HyperNetwork.per_sample`` + ``per_sample_call`` + MSE + backward +
 Adam, against the same model written by hand (encoder, LayerNorm, dense head, baddbmm apply),
-with and without the library's per-tensor ``offset + scale * gain * h`` assembly.
+with and without the library's per-tensor ``offset + scale * gain * h`` assembly (the
+hypernetwork with ``base="none"``, whose arithmetic the hand-written one repeats).
 
 Variants are interleaved within each round; times are medians over rounds, 1 thread. Ratios are
 to the fastest hand-written form measured in the same run.
@@ -129,7 +130,7 @@ class HandWritten(nn.Module):
             self.gain = nn.Parameter(reference.gain.detach().clone())
             self.register_buffer("scale", reference.scale.clone())
             self.register_buffer("offset", reference.offset.clone())
-            self.register_buffer("counts", reference.counts.clone())
+            self.register_buffer("counts", torch.tensor(reference.numels))
 
     def forward(self, c: torch.Tensor) -> list[torch.Tensor]:
         h = self.head(F.layer_norm(self.encoder(c), (self.encoder[-2].out_features,)))
@@ -145,7 +146,8 @@ def training_step(batch: int, rounds: int) -> None:
     downstream = mlp().requires_grad_(False)
     c, x, y = torch.randn(batch, context), torch.randn(batch, SIZES[0]), torch.randn(batch, 1)
 
-    hyper = HyperNetwork(context, hidden, downstream, head="dense")
+    # The original's full generation, which the hand-written generator below reproduces.
+    hyper = HyperNetwork(context, hidden, downstream, head="dense", base="none")
     plain = HandWritten(context, hidden, hyper, assemble=False)
     same_math = HandWritten(context, hidden, hyper, assemble=True)
     shapes = hyper.shapes

@@ -314,7 +314,7 @@ class LowRankHead(Head):
     vectors and scalars get a dense map, as they are small.
 
     Its generated matrices have rank at most ``rank``: best as an update to pretrained weights,
-    with ``HyperNetwork(..., init="downstream")``, rather than for weights learned from scratch.
+    on a base (``HyperNetwork(..., base="frozen")``), rather than for weights learned from scratch.
 
     Args:
         in_features: The embedding width ``H``.
