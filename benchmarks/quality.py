@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from heads import Tasks, mlp  # noqa: E402  (benchmarks/heads.py: the set task, the MLPs)
+
 from torchhyper import HyperNetwork, per_sample_call  # noqa: E402
 from torchhyper.heads import HEADS  # noqa: E402
 
@@ -61,13 +63,6 @@ VARIANTS: dict[str, tuple[str, str]] = {
 # Dense heads over (H + 1) N values: skip them above this many generated values (a 1 M MLP's
 # dense head holds 100 M parameters and takes about a second a step here).
 DENSE_MAX = 300_000
-
-
-def mlp(sizes: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
 
 
 def cnn() -> nn.Sequential:
@@ -119,8 +114,6 @@ def digits(variant: str, seed: int, model: str, steps: int = 1500, batch: int = 
 
 
 def set_task(variant: str, seed: int, steps: int = 400) -> float:
-    from heads import Tasks
-
     sizes = [784, 256, 256, 10]
     tasks = Tasks(sizes[0], sizes[-1])
     torch.manual_seed(seed)
