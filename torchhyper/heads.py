@@ -188,6 +188,13 @@ class FiLMHead(Head):
         # Per tensor: a scale per row of a matrix, or a shift per value of a vector.
         self.widths = [rows for rows, _ in self.matrices]
         self.linear = nn.Linear(in_features, sum(self.widths))
+        # For the whole output at once: which tensor each value belongs to, whether that
+        # tensor is a vector, and the 1 of a row's factor 1 + gain * g (0 for a vector's shift).
+        vector = torch.tensor([cols == 1 for _, cols in self.matrices])
+        owner = torch.repeat_interleave(torch.arange(len(self.widths)), torch.tensor(self.widths))
+        self.register_buffer("vector", vector, persistent=False)
+        self.register_buffer("owner", owner, persistent=False)
+        self.register_buffer("one", (~vector[owner]).float(), persistent=False)
         self.zero_update_()
 
     def assemble(
@@ -196,14 +203,16 @@ class FiLMHead(Head):
         if any(b.numel() != n for b, n in zip(bases, self.numels)):
             raise ValueError("FiLMHead modulates a base: build the hypernetwork with base='learned' or 'frozen'")
         batch = z.shape[:-1]
+        # One pass over all rows and vector values: 1 + gain * g for rows, scale * gain * s
+        # for vectors (a handful of kernels, whatever the number of tensors).
+        coef = torch.where(self.vector, scale * gain, gain)[self.owner]
+        factors = torch.addcmul(self.one, self.linear(z), coef).split(self.widths, dim=-1)
         out = []
-        parts = self.linear(z).split(self.widths, dim=-1)
-        for g, s, a, base, (rows, cols) in zip(parts, scale.unbind(), gain.unbind(), bases, self.matrices):
+        for f, base, (rows, cols) in zip(factors, bases, self.matrices):
             if cols == 1:
-                out.append(torch.addcmul(base, g, s * a))
+                out.append(base + f)
             else:
-                value = base.view(rows, cols) * torch.addcmul(torch.ones_like(g), g, a).unsqueeze(-1)
-                out.append(value.view(*batch, rows * cols))
+                out.append((base.view(rows, cols) * f.unsqueeze(-1)).view(*batch, rows * cols))
         return out
 
     def zero_update_(self) -> bool:
