@@ -255,3 +255,21 @@ def test_film_modulates_rows_and_shifts_vectors():
         torch.testing.assert_close(b[1], a)
     with pytest.raises(ValueError, match="FiLMHead modulates a base"):
         head.assemble(z, [torch.tensor(0.0)] * len(SHAPES), scale, gain)
+
+
+def test_any_module_from_a_factory_is_wrapped_and_starts_at_the_base():
+    """A factory may return a plain module (*, H) -> (*, N): it is wrapped once; as it cannot
+    zero itself, its per-tensor gains start at 0, so the hypernetwork still starts at the base,
+    and the gains learn."""
+    module = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    n = sum(p.numel() for p in module.parameters())
+    hyper = HyperNetwork(5, [8], module, head=lambda h, shapes: nn.Linear(h, n))
+    assert type(hyper.head).__name__ == "_ModuleHead" and isinstance(hyper.head.module, nn.Linear)
+    assert torch.equal(hyper.gain, torch.zeros(4))
+    x = torch.randn(6, 5)
+    hyper(torch.randn(6, 5))  # a first training call sets the running mean
+    params = hyper(x)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(params[name], p.detach(), rtol=0, atol=0)
+    sum(v.square().sum() for v in params.values()).backward()
+    assert hyper.gain.grad.abs().sum() > 0
