@@ -9,8 +9,9 @@ tensor flattened and concatenated, in the order of ``shapes``), and the default 
 
 The base is chosen with ``HyperNetwork(..., base=)``:
 
-* ``"learned"`` (the default) and ``"frozen"``: the downstream's own current values, a trained
-  parameter or a fixed buffer, and the head generates an *update*. Every built-in head then
+* ``"learned"`` (the default) and ``"frozen"``: the downstream's own current values, copied
+  into a trained or a fixed (``requires_grad=False``) parameter, and the head generates an
+  *update*. Every built-in head then
   starts at exactly zero (:meth:`Head.zero_update_`), so the hypernetwork starts at the
   downstream's values.
 * ``"none"``: the original torchhyper's full generation. The base is the scalar mean of each
@@ -99,7 +100,8 @@ class Head(nn.Module):
         Args:
             z: Embeddings, ``(*, H)``.
             bases: Per tensor, a scalar (``base="none"``) or the flat ``(numel_i,)`` base.
-            scale: Per-tensor scales, ``(T,)``: the std of a tensor's values.
+            scale: Per-tensor scales, ``(T,)``: the std of a tensor's default init
+                (``base="none"``) or the root mean square of its base.
             gain: Per-tensor learned gains, ``(T,)``.
 
         Returns:

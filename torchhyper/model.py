@@ -60,7 +60,9 @@ class HyperNetwork(_Generator):
     The heads' outputs start at zero but have full-size gradients (no gain that starts at 0),
     so the conditioned part moves at a dense head's pace: :class:`~torchhyper.heads.FiLMHead`
     scales each row of a base by ``1 + g(z - center)``. ``center`` is a buffer, updated in
-    training mode only, like BatchNorm's running mean.
+    training mode only, like BatchNorm's running mean. To train the base at another rate than
+    the rest (the rate you would train the downstream at), give ``hypernetwork.bases`` its own
+    optimizer parameter group.
 
     Full generation (``base="none"``). Each generated tensor is ``offset + scale * gain * h``,
     with ``h`` the head's raw values of unit variance at init. ``offset`` and ``scale`` are the
