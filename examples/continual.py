@@ -52,8 +52,13 @@ def train(beta: float, args: argparse.Namespace, downstream: nn.Module) -> tuple
     test = [task_data(t, 200, 0.0, torch.Generator().manual_seed(100 + t)) for t in range(tasks)]
 
     def mse(t: int) -> float:
-        with torch.no_grad():
-            return (functional_call(downstream, hypernetwork(t), test[t][0]) - test[t][1]).square().mean().item()
+        # In eval mode: a training-mode call would move the running mean of the embeddings.
+        hypernetwork.eval()
+        try:
+            with torch.no_grad():
+                return (functional_call(downstream, hypernetwork(t), test[t][0]) - test[t][1]).square().mean().item()
+        finally:
+            hypernetwork.train()
 
     just_learned = []
     for t in range(tasks):

@@ -11,10 +11,11 @@ from torch.func import functional_call
 from torchhyper import EmbeddingHyperNetwork, HyperNetwork, output_regularizer, per_sample_call
 
 
+@pytest.mark.parametrize("base", ["none", "learned"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_every_downstream(case: Case):
+def test_every_downstream(case: Case, base: str):
     module = case.build().eval()
-    hyper = EmbeddingHyperNetwork(4, 6, module, hidden_sizes=[12])
+    hyper = EmbeddingHyperNetwork(4, 6, module, hidden_sizes=[12], base=base)
     params = hyper(2)
     assert [(n, p.shape) for n, p in params.items()] == [(n, p.shape) for n, p in module.named_parameters()]
     case.output(functional_call(module, params, case.inputs())).square().sum().backward()
@@ -67,12 +68,13 @@ def test_shares_the_hypernetwork_init_and_heads():
 
 
 def test_state_dict_keys():
-    hyper = EmbeddingHyperNetwork(3, 4, nn.Linear(2, 2), hidden_sizes=[8], head="dense")
+    hyper = EmbeddingHyperNetwork(3, 4, nn.Linear(2, 2), hidden_sizes=[8], head="dense", base="learned")
     assert list(hyper.state_dict()) == [
         "gain", "scale", "center", "center_calls", "embedding.weight",
         "encoder.0.weight", "encoder.0.bias", "head.weight", "head.bias", "bases.0", "bases.1",
     ]
-    hyper = EmbeddingHyperNetwork(3, 4, nn.Linear(2, 2), hidden_sizes=[8], head="dense", base="none")
+    hyper = EmbeddingHyperNetwork(3, 4, nn.Linear(2, 2), hidden_sizes=[8], head="dense")
+    assert hyper.base == "none"  # ids are generated from scratch by default (continual learning)
     assert list(hyper.state_dict()) == [
         "gain", "scale", "offset", "embedding.weight",
         "encoder.0.weight", "encoder.0.bias", "head.weight", "head.bias",
