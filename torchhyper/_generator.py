@@ -161,5 +161,5 @@ def _spread(value: Tensor) -> float:
     The RMS rather than the std: a tensor of two values (a mixture's means) has a spread that
     says little of the range its values take, and a constant (a norm's scale of 1) is updated
     in units of itself."""
-    rms = value.square().mean().sqrt().item() if value.numel() else 0.0
+    rms = torch.linalg.vector_norm(value).item() / value.numel() ** 0.5 if value.numel() else 0.0
     return rms if rms > 0 else 1.0
