@@ -202,7 +202,7 @@ class FiLMHead(Head):
     def assemble(
         self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
     ) -> list[Tensor]:
-        if any(b.numel() != n for b, n in zip(bases, self.numels)):
+        if bases and bases[0].dim() == 0:  # base="none" passes scalar offsets
             raise ValueError("FiLMHead modulates a base: build the hypernetwork with base='learned' or 'frozen'")
         batch = z.shape[:-1]
         # One pass over all rows and vector values: 1 + gain * g for rows, scale * gain * s
@@ -218,10 +218,7 @@ class FiLMHead(Head):
         return out
 
     def zero_update_(self) -> bool:
-        with torch.no_grad():
-            self.linear.weight.zero_()
-            self.linear.bias.zero_()
-        return True
+        return _zero(self.linear.weight, self.linear.bias)
 
 
 class DenseHead(Head):
@@ -253,10 +250,7 @@ class DenseHead(Head):
         return list(F.linear(z, weight, torch.addcmul(base, scale, self.bias)).split(self.numels, dim=-1))
 
     def zero_update_(self) -> bool:
-        with torch.no_grad():
-            self.weight.zero_()
-            self.bias.zero_()
-        return True
+        return _zero(self.weight, self.bias)
 
 
 class ChunkedHead(Head):
@@ -309,10 +303,7 @@ class ChunkedHead(Head):
         return h.flatten(-2)[..., : self.numel]
 
     def zero_update_(self) -> bool:
-        with torch.no_grad():
-            self.weight.zero_()
-            self.bias.zero_()
-        return True
+        return _zero(self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}, chunks={self.chunks}"
@@ -370,10 +361,7 @@ class LowRankHead(Head):
         return torch.cat(parts, dim=-1)
 
     def zero_update_(self) -> bool:
-        with torch.no_grad():
-            for right in self.right:
-                right.zero_()
-        return self.small is None or self.small.zero_update_()
+        return _zero(*self.right) and (self.small is None or self.small.zero_update_())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"
@@ -440,10 +428,7 @@ class LoRAHead(Head):
     def zero_update_(self) -> bool:
         # An update to a base: no random base of its own, and B = 0 gives exactly zero.
         self.noise = None
-        with torch.no_grad():
-            for right in self.right:
-                right.zero_()
-        return True
+        return _zero(*self.right)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -495,6 +480,14 @@ class _LowRankPlusBase(torch.autograd.Function):
             grad_lefts.append(g @ right if needs[k] else None)
             grad_rights.append((left.T @ g).T if needs[len(matrices) + k] else None)
         return None, None, None, *grad_lefts, *grad_rights
+
+
+def _zero(*params: Tensor) -> bool:
+    """Zeroes ``params`` in place (the output layer of an update that starts at zero)."""
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    return True
 
 
 def _as_matrix(shape: torch.Size) -> tuple[int, int]:
