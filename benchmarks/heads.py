@@ -50,6 +50,8 @@ MLPS = {
     "mlp-1m": [784, 1024, 256, 10],
     "mlp-5m": [784, 2048, 1536, 10],
 }
+
+
 class FixedHead(Head):
     """No parameters: a fixed random output that still depends (with weight 0) on the
     embedding, so that the encoder's backward runs. Measures the cost of everything but the
@@ -75,6 +77,8 @@ HEADS = {
 def head_and_base(variant: str):
     name, _, base = variant.partition(":")
     return HEADS[name], base or "learned"
+
+
 # The dense head of the 5 M MLP and of the UNet needs 7.8 GB and 17 GB with Adam: skipped.
 DENSE_MAX_BYTES = 3e9
 
@@ -196,9 +200,7 @@ def timing(ds_name: str, heads: list[str], rounds: int, steps: int, batch: int):
     torch.manual_seed(0)
     numel = sum(p.numel() for p in factory().parameters())
     variants = [Variant("direct", factory(), make_batch)]
-    variants += [
-        Variant(h, factory(), make_batch) for h in heads if fits(h, numel)
-    ]
+    variants += [Variant(h, factory(), make_batch) for h in heads if fits(h, numel)]
     data = [make_batch() for _ in range(steps)]
     for v in variants:  # warm up
         v.step(data[0])
@@ -217,8 +219,7 @@ def timing(ds_name: str, heads: list[str], rounds: int, steps: int, batch: int):
             "ms": 1e3 * statistics.median(times[v.name]),
             "ratio": statistics.median(ratios),
             "params": v.params() / numel,
-            "head": sum(p.numel() for p in v.hyper.head.parameters())
-            if v.name != "direct" else 0,
+            "head": sum(p.numel() for p in v.hyper.head.parameters()) if v.name != "direct" else 0,
             "repr": _describe_head(v.hyper.head) if v.name != "direct" else "-",
         }
     return numel, rows
@@ -258,9 +259,18 @@ def memory(ds_name: str, heads: list[str], batch: int, steps: int, numel: int):
         if not fits(head, numel):
             continue
         out = subprocess.run(
-            [sys.executable, __file__, "--memory-child", ds_name, head, f"--batch={batch}",
-             f"--memory-steps={steps}"],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                ds_name,
+                head,
+                f"--batch={batch}",
+                f"--memory-steps={steps}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows[head] = r["peak_mb"] - r["before_mb"]
@@ -301,12 +311,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps")
     parser.add_argument("--downstreams", default="mlp-269k,mlp-1m,mlp-5m,unet")
-    parser.add_argument("--heads", default="auto,film,dense,lora,chunked,lowrank,none,auto:none,dense:none")
+    parser.add_argument(
+        "--heads", default="auto,film,dense,lora,chunked,lowrank,none,auto:none,dense:none"
+    )
     parser.add_argument("--parts", default="time,memory,quality")
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--memory-child", nargs=2, metavar=("DOWNSTREAM", "HEAD"))
     parser.add_argument("--memory-steps", type=int, default=3)
-    parser.add_argument("--train-steps", type=int, help="quality: training steps (300 quick, 1000 full)")
+    parser.add_argument(
+        "--train-steps", type=int, help="quality: training steps (300 quick, 1000 full)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.memory_child:
@@ -316,8 +330,7 @@ def main() -> None:
     parts = args.parts.split(",")
     rounds, steps, train_steps = (3, 3, 300) if args.quick else (7, 5, 1000)
     train_steps = args.train_steps or train_steps
-    print(f"# Heads vs direct training (CPU, 1 thread, "
-          f"{'quick' if args.quick else 'full'})\n")
+    print(f"# Heads vs direct training (CPU, 1 thread, {'quick' if args.quick else 'full'})\n")
     for ds_name in args.downstreams.split(","):
         big = ds_name == "unet"
         batch = 16 if big and args.quick else args.batch
@@ -326,8 +339,10 @@ def main() -> None:
         print(f"## {ds_name}: {numel:,} parameters, batch {batch}\n")
         mem = memory(ds_name, heads, batch, 1 if big else 3, numel) if "memory" in parts else {}
         qual = quality(ds_name, heads, train_steps, 32) if "quality" in parts and not big else {}
-        print("| variant | head | step (ms) | step / direct | params / downstream | head params "
-              "| peak mem (MB) | mem / direct | held-out loss | loss / dense (base none) | loss / direct |")
+        print(
+            "| variant | head | step (ms) | step / direct | params / downstream | head params "
+            "| peak mem (MB) | mem / direct | held-out loss | loss / dense (base none) | loss / direct |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for name, row in rows.items():
             m = mem.get(name)
@@ -335,7 +350,10 @@ def main() -> None:
             qd = qual.get("dense:none", qual.get("dense", {})).get("loss")
             qdir = qual.get("direct", {}).get("loss")
             cells = [
-                name, row["repr"], f"{row['ms']:.1f}", f"{row['ratio']:.2f}",
+                name,
+                row["repr"],
+                f"{row['ms']:.1f}",
+                f"{row['ratio']:.2f}",
                 f"{row['params']:.3g}" if name != "direct" else "1",
                 f"{row['head']:,}" if name != "direct" else "-",
                 f"{m:.0f}" if m is not None else "-",
@@ -347,7 +365,9 @@ def main() -> None:
             print("| " + " | ".join(cells) + " |")
         skipped = [h for h in heads if not fits(h, numel)]
         if skipped:
-            print(f"\nSkipped (would need over {DENSE_MAX_BYTES / 1e9:.0f} GB with Adam): {skipped}")
+            print(
+                f"\nSkipped (would need over {DENSE_MAX_BYTES / 1e9:.0f} GB with Adam): {skipped}"
+            )
         print(flush=True)
 
 

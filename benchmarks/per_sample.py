@@ -62,7 +62,10 @@ def table(title: str, result: dict[str, float], hand: list[str]) -> None:
 
 def apply_only(batch: int, rounds: int) -> None:
     downstream = mlp()
-    params = {n: torch.randn(batch, *p.shape) / p.shape[-1] ** 0.5 for n, p in downstream.named_parameters()}
+    params = {
+        n: torch.randn(batch, *p.shape) / p.shape[-1] ** 0.5
+        for n, p in downstream.named_parameters()
+    }
     x = torch.randn(batch, SIZES[0])
     names = [(f"{i}.weight", f"{i}.bias") for i in range(0, 2 * len(SIZES) - 3, 2)]
 
@@ -95,7 +98,10 @@ def apply_only(batch: int, rounds: int) -> None:
         "torchhyper.per_sample_call": lambda p: per_sample_call(downstream, p, x),
         "vmap(functional_call)": lambda p: vmapped(p, x),
         "Python loop of functional_call": lambda p: torch.stack(
-            [functional_call(downstream, {k: v[i] for k, v in p.items()}, x[i]) for i in range(batch)]
+            [
+                functional_call(downstream, {k: v[i] for k, v in p.items()}, x[i])
+                for i in range(batch)
+            ]
         ),
     }
     reference = baddbmm(params)
@@ -106,7 +112,11 @@ def apply_only(batch: int, rounds: int) -> None:
 
     with torch.no_grad():
         result = timeit({k: (lambda f=f: f(params)) for k, f in variants.items()}, rounds, 20)
-    table(f"Applying only, forward (no_grad), B={batch}, MLP {'-'.join(map(str, SIZES))}", result, hand)
+    table(
+        f"Applying only, forward (no_grad), B={batch}, MLP {'-'.join(map(str, SIZES))}",
+        result,
+        hand,
+    )
 
     leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
 
@@ -120,9 +130,13 @@ def apply_only(batch: int, rounds: int) -> None:
 class HandWritten(nn.Module):
     """The per-sample generator written by hand: encoder, LayerNorm, one dense head."""
 
-    def __init__(self, context: int, hidden: list[int], reference: HyperNetwork, assemble: bool) -> None:
+    def __init__(
+        self, context: int, hidden: list[int], reference: HyperNetwork, assemble: bool
+    ) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(context, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]), nn.ReLU())
+        self.encoder = nn.Sequential(
+            nn.Linear(context, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]), nn.ReLU()
+        )
         self.head = nn.Linear(hidden[-1], reference.numel)
         self.numels = reference.numels
         self.assemble = assemble
@@ -135,7 +149,9 @@ class HandWritten(nn.Module):
     def forward(self, c: torch.Tensor) -> list[torch.Tensor]:
         h = self.head(F.layer_norm(self.encoder(c), (self.encoder[-2].out_features,)))
         if self.assemble:
-            coef = torch.repeat_interleave(self.scale * self.gain, self.counts, output_size=h.shape[-1])
+            coef = torch.repeat_interleave(
+                self.scale * self.gain, self.counts, output_size=h.shape[-1]
+            )
             off = torch.repeat_interleave(self.offset, self.counts, output_size=h.shape[-1])
             h = torch.addcmul(off, coef, h)
         return list(h.split(self.numels, dim=-1))
@@ -174,7 +190,9 @@ def training_step(batch: int, rounds: int) -> None:
     opts = {m: torch.optim.Adam(m.parameters(), lr=1e-4) for m in (hyper, plain, same_math)}
     variants = {
         "hand: generator + baddbmm apply": lambda: hand_step(plain, opts[plain]),
-        "hand: same + per-tensor gain/offset, unfused (addcmul)": lambda: hand_step(same_math, opts[same_math]),
+        "hand: same + per-tensor gain/offset, unfused (addcmul)": lambda: hand_step(
+            same_math, opts[same_math]
+        ),
         "torchhyper: per_sample + per_sample_call": lambda: library_step(opts[hyper]),
     }
     result = timeit(variants, rounds, 5)

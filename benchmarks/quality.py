@@ -92,8 +92,11 @@ def digits(variant: str, seed: int, model: str, steps: int = 1500, batch: int = 
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     train, test = perm[:1500], perm[1500:]
     torch.manual_seed(seed)
-    downstream = {"digits-85k": lambda: mlp([64, 256, 256, 10]),
-                  "digits-1m": lambda: mlp([64, 1024, 1024, 10]), "digits-cnn": cnn}[model]()
+    downstream = {
+        "digits-85k": lambda: mlp([64, 256, 256, 10]),
+        "digits-1m": lambda: mlp([64, 1024, 1024, 10]),
+        "digits-cnn": cnn,
+    }[model]()
     trained, hyper = _trainable(variant, downstream, 64)
     optimizer = torch.optim.Adam(trained.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
@@ -109,7 +112,9 @@ def digits(variant: str, seed: int, model: str, steps: int = 1500, batch: int = 
         optimizer.step()
     trained.eval()
     with torch.no_grad():  # the hypernetwork reads each test batch of 64, as in training
-        total = sum(F.cross_entropy(forward(x[c]), y[c], reduction="sum").item() for c in test.split(batch))
+        total = sum(
+            F.cross_entropy(forward(x[c]), y[c], reduction="sum").item() for c in test.split(batch)
+        )
     return total / len(test)
 
 
@@ -140,7 +145,9 @@ def set_task(variant: str, seed: int, steps: int = 400) -> float:
     return statistics.mean(losses)
 
 
-def per_sample_task(variant: str, seed: int, steps: int = 1500, batch: int = 32, points: int = 16) -> float:
+def per_sample_task(
+    variant: str, seed: int, steps: int = 1500, batch: int = 32, points: int = 16
+) -> float:
     def draw(g: torch.Generator, n: int):
         amplitude = 0.5 + 2.0 * torch.rand(n, 1, generator=g)
         phase = math.pi * (2 * torch.rand(n, 1, generator=g) - 1)
@@ -182,8 +189,17 @@ def gmm_amortized(variant: str, seed: int, steps: int = 1500) -> float:
     config = str(ROOT / "experiments" / "configs" / "gmm_amortized.json")
     head, base = VARIANTS.get(variant, ("auto", "learned"))
     with tempfile.TemporaryDirectory() as out:
-        metrics = train.main([config, f"--out_dir={out}/run", f"--seed={seed}", f"--steps={steps}",
-                              f"--head={head}", f"--base={base}", "--checkpoint_every=100000"])
+        metrics = train.main(
+            [
+                config,
+                f"--out_dir={out}/run",
+                f"--seed={seed}",
+                f"--steps={steps}",
+                f"--head={head}",
+                f"--base={base}",
+                "--checkpoint_every=100000",
+            ]
+        )
     per = metrics["per_dataset"]
     key = "direct" if variant == "direct" else "hypernetwork"
     return statistics.median(per[f"kl_{key}"] if f"kl_{key}" in per else per[key])
@@ -213,7 +229,9 @@ def jobs_for(task: str, variants: list[str], seeds: list[int]) -> list[tuple[str
         names.insert(1, "direct+context")
     if TASKS[task][1] > DENSE_MAX:
         names = [v for v in names if not v.startswith("dense")]
-    if task == "gmm-amortized":  # a whole experiment per run: the default, FiLM, no update, the original
+    if (
+        task == "gmm-amortized"
+    ):  # a whole experiment per run: the default, FiLM, no update, the original
         names = [v for v in names if v in ("direct", "auto", "film", "none", "dense (base none)")]
     return [(task, v, s) for v in names for s in seeds]
 
@@ -224,17 +242,25 @@ def table(results: dict, seeds: list[int]) -> str:
         rows = {v: results[(t, v)] for t, v in results if t == task}
         med = {v: statistics.median(r["losses"]) for v, r in rows.items()}
         direct, dense, original = med.get("direct"), med.get("dense"), med.get("dense (base none)")
-        lines += [f"### {task} ({TASKS[task][1]:,} downstream parameters; median of seeds {seeds})", "",
-                  "| variant | head, base | held-out loss (median) | per seed | / direct | / dense | "
-                  "/ dense (base none) | seconds per run |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"### {task} ({TASKS[task][1]:,} downstream parameters; median of seeds {seeds})",
+            "",
+            "| variant | head, base | held-out loss (median) | per seed | / direct | / dense | "
+            "/ dense (base none) | seconds per run |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for v, r in rows.items():
             spec = "-" if v.startswith("direct") else ", ".join(VARIANTS[v])
-            cells = [v, spec, f"{med[v]:.4f}", " ".join(f"{x:.4f}" for x in r["losses"]),
-                     f"{med[v] / direct:.3f}" if direct else "-",
-                     f"{med[v] / dense:.3f}" if dense else "-",
-                     f"{med[v] / original:.3f}" if original else "-",
-                     f"{statistics.median(r['seconds']):.0f}"]
+            cells = [
+                v,
+                spec,
+                f"{med[v]:.4f}",
+                " ".join(f"{x:.4f}" for x in r["losses"]),
+                f"{med[v] / direct:.3f}" if direct else "-",
+                f"{med[v] / dense:.3f}" if dense else "-",
+                f"{med[v] / original:.3f}" if original else "-",
+                f"{statistics.median(r['seconds']):.0f}",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -255,19 +281,40 @@ def main() -> None:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     jobs = [j for task in args.tasks.split(",") for j in jobs_for(task, variants, seeds)]
     # The slow ones first, so that the pool ends together.
-    jobs.sort(key=lambda j: (j[1].startswith("dense") * TASKS[j[0]][1], j[0] == "gmm-amortized"), reverse=True)
+    jobs.sort(
+        key=lambda j: (j[1].startswith("dense") * TASKS[j[0]][1], j[0] == "gmm-amortized"),
+        reverse=True,
+    )
     results: dict = {}
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for task, variant, seed, loss, seconds in pool.imap_unordered(_run, jobs):
             r = results.setdefault((task, variant), {"losses": {}, "seconds": []})
             r["losses"][seed] = loss
             r["seconds"].append(seconds)
-            print(f"{task} {variant} seed {seed}: {loss:.4f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
-    order = {j[:2]: i for i, j in enumerate(sorted(jobs, key=lambda j: (list(TASKS).index(j[0]),
-             ["direct", "direct+context", *VARIANTS].index(j[1]))))}
-    ordered = {k: {"losses": [v["losses"][s] for s in sorted(v["losses"])], "seconds": v["seconds"]}
-               for k, v in sorted(results.items(), key=lambda kv: order[kv[0]])}
-    print(f"## Held-out loss against direct training (CPU, 1 thread per run, torch {torch.__version__})\n")
+            print(
+                f"{task} {variant} seed {seed}: {loss:.4f} ({seconds:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    order = {
+        j[:2]: i
+        for i, j in enumerate(
+            sorted(
+                jobs,
+                key=lambda j: (
+                    list(TASKS).index(j[0]),
+                    ["direct", "direct+context", *VARIANTS].index(j[1]),
+                ),
+            )
+        )
+    }
+    ordered = {
+        k: {"losses": [v["losses"][s] for s in sorted(v["losses"])], "seconds": v["seconds"]}
+        for k, v in sorted(results.items(), key=lambda kv: order[kv[0]])
+    }
+    print(
+        f"## Held-out loss against direct training (CPU, 1 thread per run, torch {torch.__version__})\n"
+    )
     print(table(ordered, seeds))
     if args.json:
         args.json.write_text(json.dumps({f"{t}|{v}": r for (t, v), r in ordered.items()}, indent=1))

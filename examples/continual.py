@@ -37,13 +37,17 @@ from torchhyper import EmbeddingHyperNetwork, output_regularizer
 CENTERS = [-3.0, 0.0, 3.0]
 
 
-def task_data(t: int, n: int, noise: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def task_data(
+    t: int, n: int, noise: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = CENTERS[t] + 2 * torch.rand(n, 1, generator=generator) - 1
     y = (x - CENTERS[t]) ** 3 + noise * torch.randn(n, 1, generator=generator)
     return x, y
 
 
-def train(beta: float, args: argparse.Namespace, downstream: nn.Module) -> tuple[EmbeddingHyperNetwork, dict]:
+def train(
+    beta: float, args: argparse.Namespace, downstream: nn.Module
+) -> tuple[EmbeddingHyperNetwork, dict]:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     tasks = len(CENTERS)
@@ -56,7 +60,12 @@ def train(beta: float, args: argparse.Namespace, downstream: nn.Module) -> tuple
         hypernetwork.eval()
         try:
             with torch.no_grad():
-                return (functional_call(downstream, hypernetwork(t), test[t][0]) - test[t][1]).square().mean().item()
+                return (
+                    (functional_call(downstream, hypernetwork(t), test[t][0]) - test[t][1])
+                    .square()
+                    .mean()
+                    .item()
+                )
         finally:
             hypernetwork.train()
 
@@ -75,8 +84,10 @@ def train(beta: float, args: argparse.Namespace, downstream: nn.Module) -> tuple
             loss.backward()
             optimizer.step()
         just_learned.append(mse(t))
-        print(f"beta={beta:g}: task {t} learned, MSE {just_learned[-1]:.4f}; "
-              f"earlier tasks now {[round(mse(k), 4) for k in range(t)]}")
+        print(
+            f"beta={beta:g}: task {t} learned, MSE {just_learned[-1]:.4f}; "
+            f"earlier tasks now {[round(mse(k), 4) for k in range(t)]}"
+        )
     return hypernetwork, {"just_learned": just_learned, "after_all": [mse(t) for t in range(tasks)]}
 
 
@@ -91,9 +102,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    downstream = nn.Sequential(nn.Linear(1, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 1))
+    downstream = nn.Sequential(
+        nn.Linear(1, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 1)
+    )
     downstream.requires_grad_(False)
-    runs = {"regularized": train(args.beta, args, downstream), "fine-tuned (beta=0)": train(0.0, args, downstream)}
+    runs = {
+        "regularized": train(args.beta, args, downstream),
+        "fine-tuned (beta=0)": train(0.0, args, downstream),
+    }
 
     args.out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
@@ -109,7 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     fig.tight_layout()
     fig.savefig(args.out / "continual.png", dpi=100)
     plt.close(fig)
-    metrics = {name: result for name, (_, result) in runs.items()} | {"config": vars(args) | {"out": str(args.out)}}
+    metrics = {name: result for name, (_, result) in runs.items()} | {
+        "config": vars(args) | {"out": str(args.out)}
+    }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

@@ -37,7 +37,11 @@ def sample(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tens
     frequency = 0.5 + 1.5 * torch.rand(n, 1, generator=generator)
     phase = 2 * math.pi * torch.rand(n, 1, generator=generator)
     x = 8 * torch.rand(n, 1, generator=generator) - 4
-    return torch.cat([amplitude, frequency, phase], -1), x, amplitude * torch.sin(frequency * x + phase)
+    return (
+        torch.cat([amplitude, frequency, phase], -1),
+        x,
+        amplitude * torch.sin(frequency * x + phase),
+    )
 
 
 def features(c: torch.Tensor) -> torch.Tensor:
@@ -57,7 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
-    downstream = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    downstream = nn.Sequential(
+        nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)
+    )
     downstream.requires_grad_(False)
     hypernetwork = HyperNetwork(4, [64, 64], downstream)
     optimizer = torch.optim.Adam(hypernetwork.parameters(), lr=1e-3)
@@ -69,8 +75,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     def loss_loop(c, x, y):
         params = hypernetwork.per_sample(features(c))
-        pred = torch.stack([functional_call(downstream, {k: v[i] for k, v in params.items()}, x[i])
-                            for i in range(len(x))])
+        pred = torch.stack(
+            [
+                functional_call(downstream, {k: v[i] for k, v in params.items()}, x[i])
+                for i in range(len(x))
+            ]
+        )
         return (pred - y).square().mean()
 
     losses = []
@@ -104,10 +114,14 @@ def main(argv: list[str] | None = None) -> dict:
     grid = torch.linspace(-4, 4, 200)
     shown = test_c[:4]
     with torch.no_grad():  # each shown MLP on the whole grid: x of shape (4, 200, 1)
-        fits = per_sample_call(downstream, hypernetwork.per_sample(features(shown)), grid.expand(4, 200)[..., None])
+        fits = per_sample_call(
+            downstream, hypernetwork.per_sample(features(shown)), grid.expand(4, 200)[..., None]
+        )
     for k, (a, f, p) in enumerate(shown.tolist()):
         axes[0].plot(grid, a * torch.sin(f * grid + p), f"C{k}:", lw=1)
-        axes[0].plot(grid, fits[k, :, 0], f"C{k}-", lw=1.5, label=f"a={a:.1f}, f={f:.1f}, p={p:.1f}")
+        axes[0].plot(
+            grid, fits[k, :, 0], f"C{k}-", lw=1.5, label=f"a={a:.1f}, f={f:.1f}, p={p:.1f}"
+        )
     axes[0].set_title("generated MLPs (solid) vs truth (dotted)")
     axes[0].legend(fontsize=7)
     axes[1].semilogy(losses)

@@ -36,7 +36,9 @@ def functions(n: int, points: int, generator: torch.Generator) -> tuple[torch.Te
     frequency = 0.5 + 1.5 * torch.rand(n, 2, generator=generator)
     phase = 2 * math.pi * torch.rand(n, 2, generator=generator)
     x = 8 * torch.rand(n, points, 1, generator=generator) - 4
-    y = (amplitude[:, None] * torch.sin(frequency[:, None] * x + phase[:, None])).sum(-1, keepdim=True)
+    y = (amplitude[:, None] * torch.sin(frequency[:, None] * x + phase[:, None])).sum(
+        -1, keepdim=True
+    )
     return x, y
 
 
@@ -59,7 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    downstream = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    downstream = nn.Sequential(
+        nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)
+    )
     downstream.requires_grad_(False)
     test_gen = torch.Generator().manual_seed(10_000)
     test = split(*functions(256, args.context + 100, test_gen), args.context, args.noise, test_gen)
@@ -74,9 +78,13 @@ def main(argv: list[str] | None = None) -> dict:
         losses = []
         start = time.perf_counter()
         for _ in range(args.steps):
-            context, xq, yq = split(*functions(args.tasks, args.context + args.queries, gen),
-                                    args.context, args.noise, gen)
-            params = hypernetwork.per_set(context)          # one MLP per function: (S, *shape)
+            context, xq, yq = split(
+                *functions(args.tasks, args.context + args.queries, gen),
+                args.context,
+                args.noise,
+                gen,
+            )
+            params = hypernetwork.per_set(context)  # one MLP per function: (S, *shape)
             pred = per_sample_call(downstream, params, xq)  # MLP s on its queries: (S, queries, 1)
             loss = (pred - yq).square().mean()
             optimizer.zero_grad()
@@ -84,8 +92,16 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.step()
             losses.append(loss.item())
         with torch.no_grad():
-            test_mse = (per_sample_call(downstream, hypernetwork.per_set(test[0]), test[1]) - test[2]).square().mean()
-        results[pool] = {"test_mse": test_mse.item(), "losses": losses, "seconds": time.perf_counter() - start}
+            test_mse = (
+                (per_sample_call(downstream, hypernetwork.per_set(test[0]), test[1]) - test[2])
+                .square()
+                .mean()
+            )
+        results[pool] = {
+            "test_mse": test_mse.item(),
+            "losses": losses,
+            "seconds": time.perf_counter() - start,
+        }
         models[pool] = hypernetwork
         print(f"{pool:>9}: held-out MSE {test_mse.item():.4f}  ({results[pool]['seconds']:.0f} s)")
 
@@ -95,7 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
     window = max(1, args.steps // 50)
     for pool in POOLS:
         curve = torch.tensor(results[pool]["losses"]).unfold(0, window, window).mean(1)
-        axes[0].semilogy(torch.arange(len(curve)) * window, curve, label=f"{pool} ({results[pool]['test_mse']:.3f})")
+        axes[0].semilogy(
+            torch.arange(len(curve)) * window,
+            curve,
+            label=f"{pool} ({results[pool]['test_mse']:.3f})",
+        )
     axes[0].axhline(baseline, color="gray", ls=":", label="function mean")
     axes[0].set(title="training MSE (held-out MSE)", xlabel="step")
     axes[0].legend(fontsize=7)

@@ -63,7 +63,14 @@ def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> 
         )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        ValueError,
+    ) as error:
         raise ValueError(
             f"checkpoint {str(path)!r} is corrupt or truncated and cannot be loaded ({error}); "
             "restore a good copy, or start a new run in a new out_dir"

@@ -66,12 +66,19 @@ class GMMTask:
                 f"{where}: weights, means and variances must be non-empty lists of one length, got "
                 f"{len(self.weights)}, {len(self.means)} and {len(self.variances)} entries"
             )
-        if any(w <= 0 for w in self.weights) or not math.isclose(sum(self.weights), 1.0, abs_tol=1e-6):
+        if any(w <= 0 for w in self.weights) or not math.isclose(
+            sum(self.weights), 1.0, abs_tol=1e-6
+        ):
             raise ValueError(f"{where}.weights must be positive and sum to 1, got {self.weights!r}")
         if any(not v > 0 for v in self.variances):
             raise ValueError(f"{where}.variances must all be > 0, got {self.variances!r}")
-        _positive(where, n_train=self.n_train, mc_samples=self.mc_samples,
-                  eval_datasets=self.eval_datasets, direct_steps=self.direct_steps)
+        _positive(
+            where,
+            n_train=self.n_train,
+            mc_samples=self.mc_samples,
+            eval_datasets=self.eval_datasets,
+            direct_steps=self.direct_steps,
+        )
         _range(where, "mean_range", self.mean_range)
         _range(where, "variance_range", self.variance_range, positive=True)
 
@@ -97,8 +104,12 @@ class FlowTask:
             )
         if any(not v > 0 for v in self.variances):
             raise ValueError(f"{where}.variances must all be > 0, got {self.variances!r}")
-        _positive(where, n_train=self.n_train, eval_datasets=self.eval_datasets,
-                  direct_steps=self.direct_steps)
+        _positive(
+            where,
+            n_train=self.n_train,
+            eval_datasets=self.eval_datasets,
+            direct_steps=self.direct_steps,
+        )
         _range(where, "mean_range", self.mean_range)
         _range(where, "variance_range", self.variance_range, positive=True)
 
@@ -114,7 +125,9 @@ class _DigitsTask:
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"{where}.test_fraction must be in (0, 1), got {self.test_fraction!r}")
         if self.dataset == "mnist" and not self.data_path:
-            raise ValueError(f"{where}.data_path must name MNIST's .npz file or IDX folder for dataset='mnist'")
+            raise ValueError(
+                f"{where}.data_path must name MNIST's .npz file or IDX folder for dataset='mnist'"
+            )
         if self.max_train < 0:
             raise ValueError(f"{where}.max_train must be >= 0, got {self.max_train!r}")
 
@@ -130,7 +143,9 @@ class VAETask(_DigitsTask):
     def validate(self, where: str) -> None:
         super().validate(where)
         if not self.model_hidden or any(h < 1 for h in self.model_hidden):
-            raise ValueError(f"{where}.model_hidden must be a non-empty list of positive ints, got {self.model_hidden!r}")
+            raise ValueError(
+                f"{where}.model_hidden must be a non-empty list of positive ints, got {self.model_hidden!r}"
+            )
         _positive(where, latent_dim=self.latent_dim, elbo_samples=self.elbo_samples)
 
 
@@ -149,12 +164,22 @@ class DDPMTask(_DigitsTask):
     def validate(self, where: str) -> None:
         super().validate(where)
         if not self.block_out_channels or any(c < 1 for c in self.block_out_channels):
-            raise ValueError(f"{where}.block_out_channels must be a non-empty list of positive ints, got {self.block_out_channels!r}")
-        _positive(where, layers_per_block=self.layers_per_block, norm_num_groups=self.norm_num_groups,
-                  timesteps=self.timesteps, sample_steps=self.sample_steps,
-                  samples_per_class=self.samples_per_class, classifier_steps=self.classifier_steps)
+            raise ValueError(
+                f"{where}.block_out_channels must be a non-empty list of positive ints, got {self.block_out_channels!r}"
+            )
+        _positive(
+            where,
+            layers_per_block=self.layers_per_block,
+            norm_num_groups=self.norm_num_groups,
+            timesteps=self.timesteps,
+            sample_steps=self.sample_steps,
+            samples_per_class=self.samples_per_class,
+            classifier_steps=self.classifier_steps,
+        )
         if self.sample_steps > self.timesteps:
-            raise ValueError(f"{where}.sample_steps ({self.sample_steps}) must be <= timesteps ({self.timesteps})")
+            raise ValueError(
+                f"{where}.sample_steps ({self.sample_steps}) must be <= timesteps ({self.timesteps})"
+            )
 
 
 TASKS: dict[str, type] = {"gmm": GMMTask, "flow": FlowTask, "vae": VAETask, "ddpm": DDPMTask}
@@ -194,12 +219,28 @@ class Config:
         if not self.out_dir:
             raise ValueError("config.out_dir must be a non-empty path")
         if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
-            raise ValueError(f"config.hidden_sizes must be a non-empty list of positive ints, got {self.hidden_sizes!r}")
-        _positive("config", steps=self.steps, batch_size=self.batch_size, sets_per_step=self.sets_per_step,
-                  lr=self.lr, direct_lr=self.direct_lr, checkpoint_every=self.checkpoint_every,
-                  plot_dpi=self.plot_dpi)
-        negative = {k: v for k, v in (("threads", self.threads), ("seed", self.seed),
-                                      ("pool_layers", self.pool_layers)) if v < 0}
+            raise ValueError(
+                f"config.hidden_sizes must be a non-empty list of positive ints, got {self.hidden_sizes!r}"
+            )
+        _positive(
+            "config",
+            steps=self.steps,
+            batch_size=self.batch_size,
+            sets_per_step=self.sets_per_step,
+            lr=self.lr,
+            direct_lr=self.direct_lr,
+            checkpoint_every=self.checkpoint_every,
+            plot_dpi=self.plot_dpi,
+        )
+        negative = {
+            k: v
+            for k, v in (
+                ("threads", self.threads),
+                ("seed", self.seed),
+                ("pool_layers", self.pool_layers),
+            )
+            if v < 0
+        }
         if negative:
             raise ValueError(f"config: {negative} must be >= 0")
         if self.head not in HEAD_NAMES:
@@ -209,7 +250,9 @@ class Config:
         if self.pool_layers and self.pool != "mean":
             raise ValueError(f"config.pool_layers > 0 needs pool='mean', got pool={self.pool!r}")
         if self.global_pool and self.pool not in ("mean", "sum", "max"):
-            raise ValueError(f"config.global_pool needs pool='mean', 'sum' or 'max', got pool={self.pool!r}")
+            raise ValueError(
+                f"config.global_pool needs pool='mean', 'sum' or 'max', got pool={self.pool!r}"
+            )
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
@@ -232,7 +275,9 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float and isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{where} must be finite, got {value!r}")
     if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
-        raise TypeError(f"{where} must be {annotation.__name__}, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{where} must be {annotation.__name__}, got {type(value).__name__} {value!r}"
+        )
     return value
 
 
@@ -245,12 +290,18 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
         raise ValueError(f"{where} has unknown keys {unknown}; valid keys are {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     missing = [
-        n for n, f in fields.items()
-        if n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        n
+        for n, f in fields.items()
+        if n not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ValueError(f"{where} is missing required keys {missing}")
-    values = {k: v if hints[k] is Any else _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    values = {
+        k: v if hints[k] is Any else _check_type(v, hints[k], f"{where}.{k}")
+        for k, v in data.items()
+    }
     return cls(**values)
 
 
@@ -301,7 +352,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     except json.JSONDecodeError as error:
         raise ValueError(f"config file {str(path)!r} is not valid JSON: {error}") from None
     if not isinstance(data, dict):
-        raise TypeError(f"config file {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+        raise TypeError(
+            f"config file {str(path)!r} must hold a JSON object, got {type(data).__name__}"
+        )
     for arg in overrides:
         keys, value = _parse_override(arg)
         target = data

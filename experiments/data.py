@@ -70,7 +70,9 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 def _as_images(x: np.ndarray, y: np.ndarray, where: str) -> tuple[Tensor, Tensor]:
     if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-        raise ValueError(f"{where}: expected images (N, H, W) and labels (N,), got {x.shape} and {y.shape}")
+        raise ValueError(
+            f"{where}: expected images (N, H, W) and labels (N,), got {x.shape} and {y.shape}"
+        )
     scale = 255.0 if x.dtype == np.uint8 or x.max() > 1 else 1.0
     images = torch.from_numpy(np.asarray(x, dtype=np.float32) / scale)[:, None]
     return images, torch.from_numpy(np.asarray(y, dtype=np.int64))
@@ -88,7 +90,9 @@ def load_mnist(path: str | Path) -> Images:
         with np.load(path) as npz:
             missing = [k for k in _IDX_FILES if k not in npz]
             if missing:
-                raise ValueError(f"{str(path)!r} lacks the keys {missing}; it has {sorted(npz.files)}")
+                raise ValueError(
+                    f"{str(path)!r} lacks the keys {missing}; it has {sorted(npz.files)}"
+                )
             arrays = {k: npz[k] for k in _IDX_FILES}
     elif path.is_dir():
         arrays = {}
@@ -98,7 +102,9 @@ def load_mnist(path: str | Path) -> Images:
                 raise FileNotFoundError(f"MNIST folder {str(path)!r} lacks {name} (or {name}.gz)")
             arrays[key] = read_idx(found[0])
     else:
-        raise FileNotFoundError(f"MNIST path {str(path)!r} is neither an .npz file nor a folder of IDX files")
+        raise FileNotFoundError(
+            f"MNIST path {str(path)!r} is neither an .npz file nor a folder of IDX files"
+        )
     x_train, y_train = _as_images(arrays["x_train"], arrays["y_train"], f"{path} (train)")
     x_test, y_test = _as_images(arrays["x_test"], arrays["y_test"], f"{path} (test)")
     return Images(x_train, y_train, x_test, y_test)
@@ -115,16 +121,28 @@ def load_digits(*, test_fraction: float = 0.25, seed: int = 0) -> Images:
         x, digits.target, test_size=test_fraction, random_state=seed, stratify=digits.target
     )
     return Images(
-        torch.from_numpy(x_tr)[:, None], torch.from_numpy(y_tr).long(),
-        torch.from_numpy(x_te)[:, None], torch.from_numpy(y_te).long(),
+        torch.from_numpy(x_tr)[:, None],
+        torch.from_numpy(y_tr).long(),
+        torch.from_numpy(x_te)[:, None],
+        torch.from_numpy(y_te).long(),
     )
 
 
-def load_images(dataset: str, *, data_path: str = "", test_fraction: float = 0.25,
-                max_train: int = 0, seed: int = 0) -> Images:
+def load_images(
+    dataset: str,
+    *,
+    data_path: str = "",
+    test_fraction: float = 0.25,
+    max_train: int = 0,
+    seed: int = 0,
+) -> Images:
     r"""The images a VAE or DDPM task config names; ``max_train > 0`` keeps that many training
     images (the first ones; for quick runs)."""
-    images = load_digits(test_fraction=test_fraction, seed=seed) if dataset == "digits" else load_mnist(data_path)
+    images = (
+        load_digits(test_fraction=test_fraction, seed=seed)
+        if dataset == "digits"
+        else load_mnist(data_path)
+    )
     if max_train:
         images.x_train, images.y_train = images.x_train[:max_train], images.y_train[:max_train]
     return images

@@ -67,10 +67,15 @@ def prepare_out_dir(config: Config) -> Path:
     if config.resume:
         saved_path = out / "config.json"
         if not saved_path.is_file():
-            raise FileNotFoundError(f"cannot resume: {str(saved_path)!r} does not exist (no run in {str(out)!r})")
+            raise FileNotFoundError(
+                f"cannot resume: {str(saved_path)!r} does not exist (no run in {str(out)!r})"
+            )
         saved = json.loads(saved_path.read_text())
-        changed = sorted(k for k in set(saved) | set(resolved)
-                         if k not in _RESUMABLE and saved.get(k) != resolved.get(k))
+        changed = sorted(
+            k
+            for k in set(saved) | set(resolved)
+            if k not in _RESUMABLE and saved.get(k) != resolved.get(k)
+        )
         if changed:
             raise ValueError(
                 f"cannot resume the run in {str(out)!r}: its config differs in {changed}; "
@@ -103,21 +108,29 @@ class MeanMLP(nn.Module):
 
     def __init__(self, width: int, layers: int, *, mean: nn.Module | None = None) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())])
+        self.mlp = nn.Sequential(
+            *[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())]
+        )
         self.mean = mean  # e.g. the mean over every rank's share of the set
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         return self.mlp(e.mean(dim=-2) if self.mean is None else self.mean(e))
 
 
-def build_models(config: Config, task: Task, device: torch.device) -> tuple[HyperNetwork, nn.ModuleList]:
+def build_models(
+    config: Config, task: Task, device: torch.device
+) -> tuple[HyperNetwork, nn.ModuleList]:
     r"""The hypernetwork, and one directly trained copy of the downstream per training dataset."""
     reduce = global_pool(config.pool) if config.global_pool else None  # over every rank's share
     if config.pool_layers:
         pool = MeanMLP(config.hidden_sizes[-1], config.pool_layers, mean=reduce)
     else:
         pool = config.pool if reduce is None else reduce
-    head = functools.partial(HEADS[config.head], **config.head_options) if config.head_options else config.head
+    head = (
+        functools.partial(HEADS[config.head], **config.head_options)
+        if config.head_options
+        else config.head
+    )
     hypernetwork = HyperNetwork(
         task.input_dim, config.hidden_sizes, task.downstream, head=head, base=config.base, pool=pool
     )
@@ -127,7 +140,9 @@ def build_models(config: Config, task: Task, device: torch.device) -> tuple[Hype
     return hypernetwork.to(device), direct.to(device)
 
 
-def build_optimizers(config: Config, hypernetwork: nn.Module, direct: nn.ModuleList) -> dict[str, Any]:
+def build_optimizers(
+    config: Config, hypernetwork: nn.Module, direct: nn.ModuleList
+) -> dict[str, Any]:
     r"""Adam for each model, with a cosine decay to 0 over ``steps`` (or a constant rate)."""
 
     def schedule(step: int) -> float:
@@ -141,8 +156,12 @@ def build_optimizers(config: Config, hypernetwork: nn.Module, direct: nn.ModuleL
 
 
 def train_step(
-    config: Config, task: Task, hypernetwork: HyperNetwork, direct: nn.ModuleList,
-    optim: dict[str, Any], generator: torch.Generator,
+    config: Config,
+    task: Task,
+    hypernetwork: HyperNetwork,
+    direct: nn.ModuleList,
+    optim: dict[str, Any],
+    generator: torch.Generator,
 ) -> dict[str, float]:
     r"""One optimizer step of each model on ``sets_per_step`` sets drawn from the task.
 
@@ -167,8 +186,12 @@ def train_step(
 
 
 def checkpoint_state(
-    step: int, hypernetwork: nn.Module, direct: nn.ModuleList, optim: dict[str, Any],
-    history: dict[str, list[float]], generator: torch.Generator,
+    step: int,
+    hypernetwork: nn.Module,
+    direct: nn.ModuleList,
+    optim: dict[str, Any],
+    history: dict[str, list[float]],
+    generator: torch.Generator,
 ) -> dict[str, Any]:
     r"""Everything a resumed run needs to continue bit-identically after ``step`` steps.
 
@@ -179,8 +202,10 @@ def checkpoint_state(
     return {
         "step": step,
         "models": {"hypernetwork": full["model"], "direct": direct.state_dict()},
-        "optimizers": {k: full["optimizer"] if k == "hypernetwork" else o.state_dict()
-                       for k, o in optim["optimizers"].items()},
+        "optimizers": {
+            k: full["optimizer"] if k == "hypernetwork" else o.state_dict()
+            for k, o in optim["optimizers"].items()
+        },
         "schedulers": {k: s.state_dict() for k, s in optim["schedulers"].items()},
         "history": history,
         "rng": rng_state(generator),
@@ -189,7 +214,10 @@ def checkpoint_state(
 
 
 def restore_state(
-    checkpoint: dict[str, Any], hypernetwork: nn.Module, direct: nn.ModuleList, optim: dict[str, Any],
+    checkpoint: dict[str, Any],
+    hypernetwork: nn.Module,
+    direct: nn.ModuleList,
+    optim: dict[str, Any],
     generator: torch.Generator,
 ) -> tuple[int, dict[str, list[float]]]:
     r"""Loads what :func:`checkpoint_state` saved; returns the step and the loss history."""
@@ -208,7 +236,9 @@ def restore_state(
 
 def train(config: Config) -> dict[str, Any]:
     r"""Runs one experiment from its config; returns its metrics (also in ``out_dir/metrics.json``)."""
-    process = init_processes(config, resolve_device(config.device))  # under torchrun: joins the others
+    process = init_processes(
+        config, resolve_device(config.device)
+    )  # under torchrun: joins the others
     out = prepare_out_dir(config) if process.is_main else Path(config.out_dir)
     barrier()
     if config.threads:
@@ -230,8 +260,15 @@ def train(config: Config) -> dict[str, Any]:
         checkpoint = load_checkpoint(out / "checkpoint.pt", map_location=device)
         first, history = restore_state(checkpoint, model, direct, optim, generator)
 
-    bar = tqdm(range(first, config.steps), initial=first, total=config.steps, desc=config.experiment,
-               dynamic_ncols=True, mininterval=1.0, disable=not process.is_main)
+    bar = tqdm(
+        range(first, config.steps),
+        initial=first,
+        total=config.steps,
+        desc=config.experiment,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=not process.is_main,
+    )
     with report_failure(out / "checkpoint.pt"):
         for step in bar:
             losses = train_step(config, task, model, direct, optim, generator)
@@ -252,7 +289,12 @@ def train(config: Config) -> dict[str, Any]:
     torch.manual_seed(config.seed + 1)  # evaluation draws the same numbers, resumed or not
     evaluated.eval()
     metrics = task.finish(evaluated, direct, history, out)
-    metrics = {"experiment": config.experiment, "amortized": config.amortized, "steps": config.steps, **metrics}
+    metrics = {
+        "experiment": config.experiment,
+        "amortized": config.amortized,
+        "steps": config.steps,
+        **metrics,
+    }
     write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -264,7 +306,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = load_config(args[0], args[1:])
     metrics = train(config)
     if metrics:  # rank 0's (other ranks return none)
-        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
+        print(
+            json.dumps(
+                {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2
+            )
+        )
     return metrics
 
 

@@ -116,32 +116,72 @@ def _first(y: object) -> Tensor:
 
 
 CASES = [
-    Case("linear", lambda: nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)),
-         lambda: (torch.randn(5, 6),)),
+    Case(
+        "linear",
+        lambda: nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)),
+        lambda: (torch.randn(5, 6),),
+    ),
     Case("conv1d", lambda: nn.Conv1d(3, 4, 3), lambda: (torch.randn(2, 3, 10),)),
-    Case("conv2d", lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 1)),
-         lambda: (torch.randn(2, 3, 6, 6),)),
+    Case(
+        "conv2d",
+        lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 1)),
+        lambda: (torch.randn(2, 3, 6, 6),),
+    ),
     Case("conv3d", lambda: nn.Conv3d(2, 3, 2), lambda: (torch.randn(1, 2, 4, 4, 4),)),
-    Case("conv_transpose", lambda: nn.ConvTranspose2d(3, 4, 3, stride=2), lambda: (torch.randn(2, 3, 4, 4),)),
-    Case("batchnorm", lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU()),
-         lambda: (torch.randn(4, 3, 6, 6),)),
-    Case("layernorm", lambda: nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12)), lambda: (torch.randn(5, 6),)),
-    Case("groupnorm", lambda: nn.Sequential(nn.Conv2d(2, 8, 3), nn.GroupNorm(4, 8)),
-         lambda: (torch.randn(2, 2, 6, 6),)),
+    Case(
+        "conv_transpose",
+        lambda: nn.ConvTranspose2d(3, 4, 3, stride=2),
+        lambda: (torch.randn(2, 3, 4, 4),),
+    ),
+    Case(
+        "batchnorm",
+        lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU()),
+        lambda: (torch.randn(4, 3, 6, 6),),
+    ),
+    Case(
+        "layernorm",
+        lambda: nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12)),
+        lambda: (torch.randn(5, 6),),
+    ),
+    Case(
+        "groupnorm",
+        lambda: nn.Sequential(nn.Conv2d(2, 8, 3), nn.GroupNorm(4, 8)),
+        lambda: (torch.randn(2, 2, 6, 6),),
+    ),
     Case("rnn", lambda: nn.RNN(4, 8, batch_first=True), lambda: (torch.randn(3, 5, 4),), _first),
-    Case("gru", lambda: nn.GRU(4, 8, num_layers=2, batch_first=True), lambda: (torch.randn(3, 5, 4),), _first),
+    Case(
+        "gru",
+        lambda: nn.GRU(4, 8, num_layers=2, batch_first=True),
+        lambda: (torch.randn(3, 5, 4),),
+        _first,
+    ),
     Case("lstm", lambda: nn.LSTM(4, 8, batch_first=True), lambda: (torch.randn(3, 5, 4),), _first),
     Case("multihead_attention", SelfAttention, lambda: (torch.randn(2, 5, 8),)),
-    Case("transformer_layer",
-         lambda: nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True),
-         lambda: (torch.randn(2, 5, 8),)),
+    Case(
+        "transformer_layer",
+        lambda: nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True),
+        lambda: (torch.randn(2, 5, 8),),
+    ),
     Case("embedding", lambda: nn.Embedding(30, 6), lambda: (torch.randint(0, 30, (4, 7)),)),
-    Case("embedding_bag", lambda: nn.EmbeddingBag(30, 6, mode="mean"), lambda: (torch.randint(0, 30, (4, 7)),)),
-    Case("prelu", lambda: nn.Sequential(nn.Linear(4, 6), nn.PReLU(6)), lambda: (torch.randn(5, 4),)),
+    Case(
+        "embedding_bag",
+        lambda: nn.EmbeddingBag(30, 6, mode="mean"),
+        lambda: (torch.randint(0, 30, (4, 7)),),
+    ),
+    Case(
+        "prelu", lambda: nn.Sequential(nn.Linear(4, 6), nn.PReLU(6)), lambda: (torch.randn(5, 4),)
+    ),
     Case("tied", Tied, lambda: (torch.randint(0, 20, (3, 5)),)),
-    Case("weight_norm", lambda: parametrizations.weight_norm(nn.Linear(5, 7)), lambda: (torch.randn(4, 5),)),
-    Case("spectral_norm", lambda: parametrizations.spectral_norm(nn.Linear(5, 7)).eval(),
-         lambda: (torch.randn(4, 5),)),
+    Case(
+        "weight_norm",
+        lambda: parametrizations.weight_norm(nn.Linear(5, 7)),
+        lambda: (torch.randn(4, 5),),
+    ),
+    Case(
+        "spectral_norm",
+        lambda: parametrizations.spectral_norm(nn.Linear(5, 7)).eval(),
+        lambda: (torch.randn(4, 5),),
+    ),
     Case("scalar", Scalar, lambda: (torch.randn(5, 4),)),
     Case("frozen", Frozen, lambda: (torch.randn(5, 4),)),
     Case("gmm", GMM, lambda: (torch.randn(16),)),
@@ -149,7 +189,12 @@ CASES = [
 
 if importlib.util.find_spec("diffusers") is not None:
     CASES.append(
-        Case("unet", _unet, lambda: (torch.randn(2, 1, 8, 8), torch.tensor([3, 7])), lambda y: y.sample)
+        Case(
+            "unet",
+            _unet,
+            lambda: (torch.randn(2, 1, 8, 8), torch.tensor([3, 7])),
+            lambda y: y.sample,
+        )
     )
 
 IDS = [c.name for c in CASES]

@@ -24,7 +24,11 @@ def load(name: str):
 @pytest.mark.parametrize(
     ("name", "argv", "plot"),
     [
-        ("set_pooling", ["--steps=3", "--tasks=2", "--context=4", "--queries=5"], "set_pooling.png"),
+        (
+            "set_pooling",
+            ["--steps=3", "--tasks=2", "--context=4", "--queries=5"],
+            "set_pooling.png",
+        ),
         ("per_sample", ["--steps=3", "--batch=8"], "per_sample.png"),
         ("continual", ["--steps=3"], "continual.png"),
     ],

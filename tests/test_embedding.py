@@ -17,7 +17,9 @@ def test_every_downstream(case: Case, base: str):
     module = case.build().eval()
     hyper = EmbeddingHyperNetwork(4, 6, module, hidden_sizes=[12], base=base)
     params = hyper(2)
-    assert [(n, p.shape) for n, p in params.items()] == [(n, p.shape) for n, p in module.named_parameters()]
+    assert [(n, p.shape) for n, p in params.items()] == [
+        (n, p.shape) for n, p in module.named_parameters()
+    ]
     case.output(functional_call(module, params, case.inputs())).square().sum().backward()
     missing = [n for n, p in hyper.named_parameters() if p.grad is None]
     assert not missing, missing
@@ -28,7 +30,9 @@ def test_every_downstream(case: Case, base: str):
 def test_only_the_used_embedding_learns():
     module = nn.Linear(3, 2)
     hyper = perturb_update_(EmbeddingHyperNetwork(4, 6, module, head="dense"))
-    per_sample_call(module, hyper(torch.tensor([1, 1, 3])), torch.randn(3, 3)).square().sum().backward()
+    per_sample_call(
+        module, hyper(torch.tensor([1, 1, 3])), torch.randn(3, 3)
+    ).square().sum().backward()
     used = hyper.embedding.weight.grad.abs().sum(1) > 0
     assert used.tolist() == [False, True, False, True]
 
@@ -68,16 +72,33 @@ def test_shares_the_hypernetwork_init_and_heads():
 
 
 def test_state_dict_keys():
-    hyper = EmbeddingHyperNetwork(3, 4, nn.Linear(2, 2), hidden_sizes=[8], head="dense", base="learned")
+    hyper = EmbeddingHyperNetwork(
+        3, 4, nn.Linear(2, 2), hidden_sizes=[8], head="dense", base="learned"
+    )
     assert list(hyper.state_dict()) == [
-        "gain", "scale", "center", "center_calls", "embedding.weight",
-        "encoder.0.weight", "encoder.0.bias", "head.weight", "head.bias", "bases.0", "bases.1",
+        "gain",
+        "scale",
+        "center",
+        "center_calls",
+        "embedding.weight",
+        "encoder.0.weight",
+        "encoder.0.bias",
+        "head.weight",
+        "head.bias",
+        "bases.0",
+        "bases.1",
     ]
     hyper = EmbeddingHyperNetwork(3, 4, nn.Linear(2, 2), hidden_sizes=[8], head="dense")
     assert hyper.base == "none"  # ids are generated from scratch by default (continual learning)
     assert list(hyper.state_dict()) == [
-        "gain", "scale", "offset", "embedding.weight",
-        "encoder.0.weight", "encoder.0.bias", "head.weight", "head.bias",
+        "gain",
+        "scale",
+        "offset",
+        "embedding.weight",
+        "encoder.0.weight",
+        "encoder.0.bias",
+        "head.weight",
+        "head.bias",
     ]
 
 
@@ -86,9 +107,17 @@ def test_state_dict_keys():
     [
         (5, ValueError, r"ids must be in \[0, 4\] \(num_embeddings=5\), got values from 5 to 5"),
         (torch.tensor([-1, 2]), ValueError, "got values from -1 to 2"),
-        (torch.tensor([0.5]), TypeError, "ids must be an int or an integer tensor, got dtype torch.float32"),
+        (
+            torch.tensor([0.5]),
+            TypeError,
+            "ids must be an int or an integer tensor, got dtype torch.float32",
+        ),
         ("a", TypeError, "got str"),
-        (torch.tensor([1], device="meta"), ValueError, "ids are on device meta but the hypernetwork is on cpu"),
+        (
+            torch.tensor([1], device="meta"),
+            ValueError,
+            "ids are on device meta but the hypernetwork is on cpu",
+        ),
     ],
 )
 def test_id_validation(ids, error, message):
@@ -108,7 +137,9 @@ def test_id_validation(ids, error, message):
 def test_constructor_validation(kwargs, message):
     args = {"num_embeddings": 3, "embedding_dim": 4} | kwargs
     with pytest.raises(ValueError, match=message):
-        EmbeddingHyperNetwork(args.pop("num_embeddings"), args.pop("embedding_dim"), nn.Linear(2, 2), **args)
+        EmbeddingHyperNetwork(
+            args.pop("num_embeddings"), args.pop("embedding_dim"), nn.Linear(2, 2), **args
+        )
 
 
 def test_output_regularizer():

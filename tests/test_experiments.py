@@ -19,27 +19,61 @@ from experiments.config import load_config  # noqa: E402
 from experiments.data import load_mnist, read_idx  # noqa: E402
 
 CONFIGS = ROOT / "experiments" / "configs"
-needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="needs diffusers")
+needs_diffusers = pytest.mark.skipif(
+    importlib.util.find_spec("diffusers") is None, reason="needs diffusers"
+)
 
 # Tiny settings: a few steps, small evaluations.
 TINY = {
     "gmm": ["--steps=4", "--batch_size=64", "--task.n_train=64", "--task.mc_samples=500"],
-    "gmm_amortized": ["--steps=4", "--batch_size=32", "--sets_per_step=2", "--task.mc_samples=500",
-                      "--task.eval_datasets=2", "--task.direct_steps=3"],
+    "gmm_amortized": [
+        "--steps=4",
+        "--batch_size=32",
+        "--sets_per_step=2",
+        "--task.mc_samples=500",
+        "--task.eval_datasets=2",
+        "--task.direct_steps=3",
+    ],
     "flow": ["--steps=4", "--batch_size=64", "--task.n_train=64"],
-    "flow_amortized": ["--steps=4", "--batch_size=32", "--task.eval_datasets=2", "--task.direct_steps=3"],
+    "flow_amortized": [
+        "--steps=4",
+        "--batch_size=32",
+        "--task.eval_datasets=2",
+        "--task.direct_steps=3",
+    ],
     "vae": ["--steps=4", "--batch_size=16", "--task.elbo_samples=1", "--task.max_train=200"],
-    "vae_amortized": ["--steps=4", "--batch_size=8", "--task.elbo_samples=1", "--task.max_train=200"],
-    "ddpm": ["--steps=3", "--batch_size=4", "--head=chunked", "--task.block_out_channels=[8,16]",
-             "--task.norm_num_groups=4", "--task.timesteps=20", "--task.sample_steps=2",
-             "--task.samples_per_class=2", "--task.classifier_steps=3", "--task.max_train=200"],
+    "vae_amortized": [
+        "--steps=4",
+        "--batch_size=8",
+        "--task.elbo_samples=1",
+        "--task.max_train=200",
+    ],
+    "ddpm": [
+        "--steps=3",
+        "--batch_size=4",
+        "--head=chunked",
+        "--task.block_out_channels=[8,16]",
+        "--task.norm_num_groups=4",
+        "--task.timesteps=20",
+        "--task.sample_steps=2",
+        "--task.samples_per_class=2",
+        "--task.classifier_steps=3",
+        "--task.max_train=200",
+    ],
 }
 PLOTS = {"gmm": "gmm.png", "flow": "flow.png", "vae": "vae.png", "ddpm": "ddpm.png"}
 
 
 def run(name: str, out: Path, *extra: str) -> dict:
-    return trainer.main([str(CONFIGS / f"{name}.json"), f"--out_dir={out}", "--checkpoint_every=2",
-                         *TINY[name], *extra])
+    return trainer.main(
+        [
+            str(CONFIGS / f"{name}.json"),
+            f"--out_dir={out}",
+            "--checkpoint_every=2",
+            *TINY[name],
+            *extra,
+        ]
+    )
 
 
 def write(tmp_path: Path, data: dict) -> Path:
@@ -60,9 +94,16 @@ def test_every_shipped_config_loads():
 
 
 def test_overrides_are_parsed_as_json_and_checked():
-    config = load_config(CONFIGS / "gmm.json", ["--steps=7", "--out_dir=runs/x", "--task.means=[1, 3]",
-                                                 "--resume=true", "--lr=1"])
-    assert (config.steps, config.out_dir, config.task.means, config.resume) == (7, "runs/x", [1.0, 3.0], True)
+    config = load_config(
+        CONFIGS / "gmm.json",
+        ["--steps=7", "--out_dir=runs/x", "--task.means=[1, 3]", "--resume=true", "--lr=1"],
+    )
+    assert (config.steps, config.out_dir, config.task.means, config.resume) == (
+        7,
+        "runs/x",
+        [1.0, 3.0],
+        True,
+    )
     assert config.lr == 1.0 and isinstance(config.lr, float)
     with pytest.raises(ValueError, match="overrides must look like --key=value"):
         load_config(CONFIGS / "gmm.json", ["--steps", "7"])
@@ -71,19 +112,47 @@ def test_overrides_are_parsed_as_json_and_checked():
 @pytest.mark.parametrize(
     ("change", "error", "message"),
     [
-        ({"stepz": 3}, ValueError, r"config has unknown keys \['stepz'\]; valid keys are \[.*'steps'"),
-        ({"task": {"weightz": [1.0]}}, ValueError, r"config.task \(gmm\) has unknown keys \['weightz'\]"),
+        (
+            {"stepz": 3},
+            ValueError,
+            r"config has unknown keys \['stepz'\]; valid keys are \[.*'steps'",
+        ),
+        (
+            {"task": {"weightz": [1.0]}},
+            ValueError,
+            r"config.task \(gmm\) has unknown keys \['weightz'\]",
+        ),
         ({"steps": "100"}, TypeError, r"config.steps must be int, got str '100'"),
         ({"steps": 1.5}, TypeError, r"config.steps must be int, got float 1.5"),
         ({"resume": 1}, TypeError, r"config.resume must be bool, got int 1"),
         ({"hidden_sizes": "32,64"}, TypeError, r"config.hidden_sizes must be a JSON list, got str"),
-        ({"hidden_sizes": []}, ValueError, r"config.hidden_sizes must be a non-empty list of positive ints, got \[\]"),
-        ({"device": "tpu"}, ValueError, r"config.device must be one of \['cpu', 'cuda'\], got 'tpu'"),
+        (
+            {"hidden_sizes": []},
+            ValueError,
+            r"config.hidden_sizes must be a non-empty list of positive ints, got \[\]",
+        ),
+        (
+            {"device": "tpu"},
+            ValueError,
+            r"config.device must be one of \['cpu', 'cuda'\], got 'tpu'",
+        ),
         ({"lr": -0.1}, ValueError, r"config: lr=-0.1 must be > 0"),
-        ({"task": {"variances": [1.0, -1.0]}}, ValueError, r"config.task \(gmm\).variances must all be > 0, got \[1.0, -1.0\]"),
+        (
+            {"task": {"variances": [1.0, -1.0]}},
+            ValueError,
+            r"config.task \(gmm\).variances must all be > 0, got \[1.0, -1.0\]",
+        ),
         ({"task": {"weights": [0.5, 0.6]}}, ValueError, r"weights must be positive and sum to 1"),
-        ({"task": {"means": [0.0]}}, ValueError, r"must be non-empty lists of one length, got 2, 1 and 2"),
-        ({"experiment": "gan"}, ValueError, r"config.experiment must be one of \['gmm', 'flow', 'vae', 'ddpm'\]"),
+        (
+            {"task": {"means": [0.0]}},
+            ValueError,
+            r"must be non-empty lists of one length, got 2, 1 and 2",
+        ),
+        (
+            {"experiment": "gan"},
+            ValueError,
+            r"config.experiment must be one of \['gmm', 'flow', 'vae', 'ddpm'\]",
+        ),
     ],
 )
 def test_bad_configs_are_rejected_with_clear_messages(tmp_path, change, error, message):
@@ -100,7 +169,9 @@ def test_bad_configs_are_rejected_with_clear_messages(tmp_path, change, error, m
 def test_bad_flow_and_digit_task_values(tmp_path):
     with pytest.raises(ValueError, match=r"config.task \(flow\).variances must all be > 0"):
         load_config(CONFIGS / "flow.json", ["--task.variances=[1,2,3,4,5,6,7,8,9,10,11,-12]"])
-    with pytest.raises(ValueError, match=r"model_hidden must be a non-empty list of positive ints, got \[\]"):
+    with pytest.raises(
+        ValueError, match=r"model_hidden must be a non-empty list of positive ints, got \[\]"
+    ):
         load_config(CONFIGS / "vae.json", ["--task.model_hidden=[]"])
     with pytest.raises(ValueError, match=r"data_path must name MNIST's .npz file or IDX folder"):
         load_config(CONFIGS / "vae.json", ["--task.dataset=mnist"])
@@ -114,7 +185,9 @@ def test_bad_flow_and_digit_task_values(tmp_path):
 # Smoke runs -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [n for n in TINY if n != "ddpm"] + [pytest.param("ddpm", marks=needs_diffusers)])
+@pytest.mark.parametrize(
+    "name", [n for n in TINY if n != "ddpm"] + [pytest.param("ddpm", marks=needs_diffusers)]
+)
 def test_each_experiment_runs_and_writes_metrics_and_plots(tmp_path, name):
     out = tmp_path / name
     metrics = run(name, out)
@@ -161,7 +234,9 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, nam
         assert straight[model].keys() == resumed[model].keys()
         for key, value in straight[model].items():
             assert torch.equal(value, resumed[model][key]), f"{model}.{key} differs after resuming"
-    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "resumed")]
+    metrics = [
+        json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "resumed")
+    ]
     assert metrics[0] == metrics[1]
 
 
@@ -172,9 +247,13 @@ def test_refuses_a_non_empty_out_dir_and_leaves_it_untouched(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="already exists and is not empty; choose a new out_dir"):
+    with pytest.raises(
+        FileExistsError, match="already exists and is not empty; choose a new out_dir"
+    ):
         run("gmm", out)
-    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "precious"
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (
+        out / "notes.txt"
+    ).read_text() == "precious"
 
 
 def test_resume_errors_missing_corrupt_and_changed(tmp_path):
@@ -194,7 +273,9 @@ def test_resume_errors_missing_corrupt_and_changed(tmp_path):
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="is corrupt or truncated"):
         run("gmm", out, "--resume=true")
-    assert (out / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # left for the user to inspect
+    assert (
+        out / "checkpoint.pt"
+    ).read_bytes() == b"not a checkpoint"  # left for the user to inspect
 
     torch.save({"weights": torch.zeros(2)}, out / "checkpoint.pt")
     with pytest.raises(ValueError, match="is not a checkpoint of torchhyper's experiments"):
@@ -220,14 +301,22 @@ def _idx(array: np.ndarray) -> bytes:
 
 
 def _tiny_mnist(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {"x_train": rng.integers(0, 256, (30, 28, 28)), "y_train": np.arange(30) % 10,
-            "x_test": rng.integers(0, 256, (10, 28, 28)), "y_test": np.arange(10)}
+    return {
+        "x_train": rng.integers(0, 256, (30, 28, 28)),
+        "y_train": np.arange(30) % 10,
+        "x_test": rng.integers(0, 256, (10, 28, 28)),
+        "y_test": np.arange(10),
+    }
 
 
 def test_mnist_from_idx_files_and_npz(tmp_path):
     arrays = _tiny_mnist(np.random.default_rng(0))
-    names = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
-             "x_test": "t10k-images-idx3-ubyte.gz", "y_test": "t10k-labels-idx1-ubyte"}
+    names = {
+        "x_train": "train-images-idx3-ubyte",
+        "y_train": "train-labels-idx1-ubyte",
+        "x_test": "t10k-images-idx3-ubyte.gz",
+        "y_test": "t10k-labels-idx1-ubyte",
+    }
     for key, name in names.items():
         raw = _idx(arrays[key])
         (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
@@ -255,18 +344,36 @@ def test_mnist_from_idx_files_and_npz(tmp_path):
 def test_vae_trains_on_user_supplied_mnist(tmp_path):
     arrays = _tiny_mnist(np.random.default_rng(1))
     np.savez(tmp_path / "mnist.npz", **{k: v.astype(np.uint8) for k, v in arrays.items()})
-    metrics = run("vae", tmp_path / "run", "--task.dataset=mnist", f"--task.data_path={tmp_path / 'mnist.npz'}")
+    metrics = run(
+        "vae",
+        tmp_path / "run",
+        "--task.dataset=mnist",
+        f"--task.data_path={tmp_path / 'mnist.npz'}",
+    )
     assert np.isfinite(metrics["elbo_hypernetwork"]) and metrics["test_images"] == 10
 
 
 def test_results_command_tabulates_runs_and_reuses_finished_ones(tmp_path):
     from experiments import results
 
-    args = ["--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--only", "gmm",
-            "--steps=3", "--batch_size=64", "--task.n_train=64", "--task.mc_samples=500"]
+    args = [
+        "--out",
+        str(tmp_path / "runs"),
+        "--docs",
+        str(tmp_path / "docs"),
+        "--only",
+        "gmm",
+        "--steps=3",
+        "--batch_size=64",
+        "--task.n_train=64",
+        "--task.mc_samples=500",
+    ]
     results.main(args)
     text = (tmp_path / "docs" / "results.md").read_text()
-    assert text.startswith("| experiment | metric | hypernetwork | direct |") and "docs/results/gmm.png" in text
+    assert (
+        text.startswith("| experiment | metric | hypernetwork | direct |")
+        and "docs/results/gmm.png" in text
+    )
     assert (tmp_path / "docs" / "gmm.png").is_file()
     before = (tmp_path / "runs" / "gmm" / "metrics.json").stat().st_mtime_ns
     results.main(args)  # a finished run is reused, not retrained or overwritten

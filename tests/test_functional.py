@@ -92,10 +92,18 @@ def test_load_params_writes_by_name():
 def test_load_params_reports_all_offenders():
     module = GMM()
     before = {n: p.clone() for n, p in module.named_parameters()}
-    with pytest.raises(ValueError, match=r"unexpected keys \['mean'\], missing keys \['means', 'log_scales'\]"):
+    with pytest.raises(
+        ValueError, match=r"unexpected keys \['mean'\], missing keys \['means', 'log_scales'\]"
+    ):
         load_params(module, {"logits": torch.zeros(3), "mean": torch.zeros(3)})
-    with pytest.raises(ValueError, match=r"logits: expected \(3,\), got \(2,\); means: expected \(3,\), got \(3, 1\)"):
-        load_params(module, {"logits": torch.zeros(2), "means": torch.zeros(3, 1), "log_scales": torch.zeros(3)})
+    with pytest.raises(
+        ValueError,
+        match=r"logits: expected \(3,\), got \(2,\); means: expected \(3,\), got \(3, 1\)",
+    ):
+        load_params(
+            module,
+            {"logits": torch.zeros(2), "means": torch.zeros(3, 1), "log_scales": torch.zeros(3)},
+        )
     with pytest.raises(TypeError, match=r"means: expected torch.float32, got torch.float64"):
         load_params(module, {"means": torch.zeros(3, dtype=torch.float64)}, strict=False)
     for n, p in module.named_parameters():  # nothing was written

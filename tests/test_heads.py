@@ -56,7 +56,9 @@ def test_auto_policy_thresholds():
         assert isinstance(auto_head(H, [(4096,)], base=base), DenseHead)
     assert isinstance(auto_head(H, [(4097,)]), FiLMHead)
     assert isinstance(auto_head(H, [(4097,)], base=False), LoRAHead)
-    assert auto_head(H, [(64, 64), (64,)], base=False).rank == 2  # 4160 / 8 // ((64 + 64 + 13) + (64 + 1 + 13))
+    assert (
+        auto_head(H, [(64, 64), (64,)], base=False).rank == 2
+    )  # 4160 / 8 // ((64 + 64 + 13) + (64 + 1 + 13))
     assert auto_head(H, [(1000, 1000)], base=False).rank == 16  # capped
     gmm = CASES[IDS.index("gmm")].build()
     assert isinstance(HyperNetwork(1, [32, 64, 96], gmm).head, DenseHead)
@@ -65,7 +67,9 @@ def test_auto_policy_thresholds():
 @pytest.mark.parametrize("input_dim", [2, 794])
 def test_auto_seed_constructor(input_dim):
     """Above 4096 generated values the seed constructor's default is a learned base + FiLM."""
-    mlp = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    mlp = nn.Sequential(
+        nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
     hyper = HyperNetwork(input_dim, [32, 64, 96], mlp)
     assert isinstance(hyper.head, FiLMHead) and hyper.base == "learned"
     # Row scales of the three matrices, shifts of the three biases, from H = 96.
@@ -75,7 +79,9 @@ def test_auto_seed_constructor(input_dim):
     text = summary(hyper).splitlines()
     assert text[0] == "head: FiLMHead()"
     assert text[1] == "base: learned (269,322 values, trained)"
-    assert text[3].startswith(f"trained parameters: {count(hyper):,} ({count(hyper) / hyper.numel:.3g}x generated)")
+    assert text[3].startswith(
+        f"trained parameters: {count(hyper):,} ({count(hyper) / hyper.numel:.3g}x generated)"
+    )
     assert f"head {count(hyper.head):,}" in text[3] and "bases 269,322" in text[3]
     frozen = HyperNetwork(input_dim, [32, 64, 96], mlp, base="frozen")
     assert summary(frozen).splitlines()[1] == "base: frozen (269,322 values, fixed)"
@@ -165,10 +171,26 @@ def test_lora_state_dict_keeps_seed_not_noise():
     ("factory", "error", "message"),
     [
         (functools.partial(LoRAHead, rank=0), ValueError, "rank must be a positive int, got 0"),
-        (functools.partial(LoRAHead, rank=True), ValueError, "rank must be a positive int, got True"),
-        (functools.partial(LowRankHead, rank=-1), ValueError, "rank must be a positive int, got -1"),
-        (functools.partial(ChunkedHead, chunk_size=0), ValueError, "chunk_size must be a positive int, got 0"),
-        (functools.partial(ChunkedHead, embedding_dim=2.5), ValueError, "embedding_dim must be a positive int, got 2.5"),
+        (
+            functools.partial(LoRAHead, rank=True),
+            ValueError,
+            "rank must be a positive int, got True",
+        ),
+        (
+            functools.partial(LowRankHead, rank=-1),
+            ValueError,
+            "rank must be a positive int, got -1",
+        ),
+        (
+            functools.partial(ChunkedHead, chunk_size=0),
+            ValueError,
+            "chunk_size must be a positive int, got 0",
+        ),
+        (
+            functools.partial(ChunkedHead, embedding_dim=2.5),
+            ValueError,
+            "embedding_dim must be a positive int, got 2.5",
+        ),
     ],
 )
 def test_validation_messages(factory, error, message):
@@ -182,7 +204,9 @@ def test_make_head_and_summary_errors():
         _make_head("lora2", H, SHAPES, base=True)
     with pytest.raises(TypeError, match="head factory must return an nn.Module, got int"):
         _make_head(lambda h, s: 3, H, SHAPES, base=True)
-    with pytest.raises(ValueError, match=r"must map an embedding \(12,\) to \(56,\) values .* got \(55,\)"):
+    with pytest.raises(
+        ValueError, match=r"must map an embedding \(12,\) to \(56,\) values .* got \(55,\)"
+    ):
         _make_head(lambda h, s: nn.Linear(h, 55), H, SHAPES, base=True)
     with pytest.raises(TypeError, match=r"calling it on zeros\(12\) raised RuntimeError"):
         _make_head(lambda h, s: nn.Linear(h + 1, 56), H, SHAPES, base=True)
@@ -194,8 +218,11 @@ def test_make_head_and_summary_errors():
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
-@pytest.mark.parametrize("shapes", [[(5, 3)], [(17,)], [()], [(), ()], [(0, 3), (4,)], [(3, 3), (1025,)]],
-                         ids=["matrix", "odd-vector", "scalar", "two-scalars", "empty-tensor", "N%chunk!=0"])
+@pytest.mark.parametrize(
+    "shapes",
+    [[(5, 3)], [(17,)], [()], [(), ()], [(0, 3), (4,)], [(3, 3), (1025,)]],
+    ids=["matrix", "odd-vector", "scalar", "two-scalars", "empty-tensor", "N%chunk!=0"],
+)
 def test_shapes_edge_cases(name, shapes):
     head = FACTORIES[name](H, shapes)
     n = sum(torch.Size(s).numel() for s in shapes)
@@ -247,7 +274,9 @@ def test_film_modulates_rows_and_shifts_vectors():
     g = head.linear(z).split(head.widths)
     out = head.assemble(z, bases, scale, gain)
     # (6, 5): each row of the base scaled by 1 + gain * g.
-    torch.testing.assert_close(out[0].view(6, 5), bases[0].view(6, 5) * (1 + gain[0] * g[0])[:, None])
+    torch.testing.assert_close(
+        out[0].view(6, 5), bases[0].view(6, 5) * (1 + gain[0] * g[0])[:, None]
+    )
     # (6,): shifted value by value, in units of its scale.
     torch.testing.assert_close(out[1], bases[1] + scale[1] * gain[1] * g[1])
     batched = head.assemble(z.expand(2, H), bases, scale, gain)

@@ -19,7 +19,9 @@ CONTEXT_DIM = 5
 GENERATING = [h for h, factory in HEADS.items() if not factory.needs_base]
 # (head, base): every named head on a learned base, the generating ones with no base, and a
 # frozen base once.
-VARIANTS = [(h, "learned") for h in HEADS] + [(h, "none") for h in GENERATING] + [("film", "frozen")]
+VARIANTS = (
+    [(h, "learned") for h in HEADS] + [(h, "none") for h in GENERATING] + [("film", "frozen")]
+)
 
 
 def context(batch: int = 8, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -100,7 +102,9 @@ def _reference_stats(case: Case, draws: int = 64) -> dict[str, tuple[float, floa
 
 
 @pytest.mark.parametrize("head", GENERATING)
-@pytest.mark.parametrize("case", [c for c in CASES if c.name != "unet"], ids=[i for i in IDS if i != "unet"])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.name != "unet"], ids=[i for i in IDS if i != "unet"]
+)
 def test_init_std_matches_pytorch(case: Case, head: str):
     """With base="none", generated tensors have the statistics of PyTorch's default init."""
     reference = _reference_stats(case)
@@ -121,12 +125,17 @@ def test_init_std_matches_pytorch(case: Case, head: str):
         else:
             ratio = got.std().item() / std
             if not 0.8 <= ratio <= 1.2:
-                failures.append(f"{n}: std {got.std():.4g} vs PyTorch's {std:.4g} (ratio {ratio:.3f})")
+                failures.append(
+                    f"{n}: std {got.std():.4g} vs PyTorch's {std:.4g} (ratio {ratio:.3f})"
+                )
     assert not failures, failures
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("linear", "batchnorm", "lstm", "unet")],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c.name in ("linear", "batchnorm", "lstm", "unet")],
+    ids=lambda c: c.name,
+)
 def test_dtype_and_state_dict_round_trip(case: Case):
     module = case.build().eval().double()
     hyper = perturb_update_(HyperNetwork(CONTEXT_DIM, [16], module)).double().eval()
@@ -150,16 +159,36 @@ def test_dtype_and_state_dict_round_trip(case: Case):
 def test_state_dict_keys_are_named():
     hyper = HyperNetwork(3, [8, 8], nn.Linear(2, 2), head="chunked")
     assert list(hyper.state_dict()) == [
-        "gain", "scale", "center", "center_calls",
-        "encoder.0.weight", "encoder.0.bias", "encoder.2.weight", "encoder.2.bias",
-        "head.embeddings", "head.weight", "head.bias", "head.mix.weight", "head.mix.bias",
-        "bases.0", "bases.1",
+        "gain",
+        "scale",
+        "center",
+        "center_calls",
+        "encoder.0.weight",
+        "encoder.0.bias",
+        "encoder.2.weight",
+        "encoder.2.bias",
+        "head.embeddings",
+        "head.weight",
+        "head.bias",
+        "head.mix.weight",
+        "head.mix.bias",
+        "bases.0",
+        "bases.1",
     ]
     hyper = HyperNetwork(3, [8, 8], nn.Linear(2, 2), head="chunked", base="none")
     assert list(hyper.state_dict()) == [
-        "gain", "scale", "offset",
-        "encoder.0.weight", "encoder.0.bias", "encoder.2.weight", "encoder.2.bias",
-        "head.embeddings", "head.weight", "head.bias", "head.mix.weight", "head.mix.bias",
+        "gain",
+        "scale",
+        "offset",
+        "encoder.0.weight",
+        "encoder.0.bias",
+        "encoder.2.weight",
+        "encoder.2.bias",
+        "head.embeddings",
+        "head.weight",
+        "head.bias",
+        "head.mix.weight",
+        "head.mix.bias",
     ]
 
 
@@ -176,8 +205,13 @@ def test_gradients_match_explicit_functional():
         return {n: q.grad.clone() for n, q in hyper.named_parameters()}
 
     via_call = loss_via(lambda p: functional_call(module, p, x))
-    via_f = loss_via(lambda p: nn.functional.linear(
-        torch.tanh(nn.functional.linear(x, p["0.weight"], p["0.bias"])), p["2.weight"], p["2.bias"]))
+    via_f = loss_via(
+        lambda p: nn.functional.linear(
+            torch.tanh(nn.functional.linear(x, p["0.weight"], p["0.bias"])),
+            p["2.weight"],
+            p["2.bias"],
+        )
+    )
     for n in via_call:
         torch.testing.assert_close(via_call[n], via_f[n])
 
@@ -189,7 +223,11 @@ def test_tied_weights_one_key_retied():
     ids = torch.randint(0, 20, (2, 3))
     # Tied through functional_call: the output layer uses the generated embedding.
     y = functional_call(module, params, ids)
-    h = torch.tanh(nn.functional.linear(params["embed.weight"][ids], params["hidden.weight"], params["hidden.bias"]))
+    h = torch.tanh(
+        nn.functional.linear(
+            params["embed.weight"][ids], params["hidden.weight"], params["hidden.bias"]
+        )
+    )
     torch.testing.assert_close(y, h @ params["embed.weight"].T)
 
 
@@ -199,7 +237,9 @@ def test_include_exclude():
     assert list(hyper(torch.randn(3, 4))) == ["2.weight", "2.bias"]
     hyper = HyperNetwork(4, [8], module, exclude=["*.bias"])
     assert list(hyper(torch.randn(3, 4))) == ["0.weight", "2.weight"]
-    with pytest.raises(ValueError, match=r"pattern\(s\) \['decoder\.\*'\] match no parameter.*0\.weight"):
+    with pytest.raises(
+        ValueError, match=r"pattern\(s\) \['decoder\.\*'\] match no parameter.*0\.weight"
+    ):
         HyperNetwork(4, [8], module, include="decoder.*")
     with pytest.raises(ValueError, match="leave no parameter"):
         HyperNetwork(4, [8], module, exclude="*")
@@ -217,19 +257,37 @@ def test_unselected_parameters_keep_module_values():
 
 
 def test_lazy_module_error():
-    with pytest.raises(ValueError, match=r"uninitialized lazy parameters \['weight', 'bias'\]: run one forward"):
+    with pytest.raises(
+        ValueError, match=r"uninitialized lazy parameters \['weight', 'bias'\]: run one forward"
+    ):
         HyperNetwork(4, [8], nn.LazyLinear(3))
 
 
 @pytest.mark.parametrize(
     ("x", "error", "message"),
     [
-        (torch.randn(4, 7), ValueError, r"prod\(\*\) == input_dim == 6, got shape \(4, 7\) \(7 features"),
+        (
+            torch.randn(4, 7),
+            ValueError,
+            r"prod\(\*\) == input_dim == 6, got shape \(4, 7\) \(7 features",
+        ),
         (torch.randn(0, 6), ValueError, r"non-empty batch .* got shape \(0, 6\)"),
-        (torch.ones(4, 6, dtype=torch.long), TypeError, "floating-point tensor, got dtype torch.int64"),
-        (torch.randn(4, 6, dtype=torch.float64), TypeError, "dtype torch.float64 but the hypernetwork has dtype torch.float32"),
+        (
+            torch.ones(4, 6, dtype=torch.long),
+            TypeError,
+            "floating-point tensor, got dtype torch.int64",
+        ),
+        (
+            torch.randn(4, 6, dtype=torch.float64),
+            TypeError,
+            "dtype torch.float64 but the hypernetwork has dtype torch.float32",
+        ),
         ([[1.0] * 6], TypeError, "x must be a torch.Tensor, got list"),
-        (torch.randn(4, 6, device="meta"), ValueError, "on device meta but the hypernetwork is on cpu"),
+        (
+            torch.randn(4, 6, device="meta"),
+            ValueError,
+            "on device meta but the hypernetwork is on cpu",
+        ),
     ],
 )
 def test_input_validation(x, error, message):
@@ -247,22 +305,48 @@ def test_input_shapes_flatten():
     ("kwargs", "error", "message"),
     [
         ({"input_dim": 0}, ValueError, "input_dim must be a positive int, got 0"),
-        ({"hidden_sizes": []}, ValueError, r"hidden_sizes must be a non-empty list of positive ints, got \[\]"),
+        (
+            {"hidden_sizes": []},
+            ValueError,
+            r"hidden_sizes must be a non-empty list of positive ints, got \[\]",
+        ),
         ({"hidden_sizes": [8, -1]}, ValueError, r"got \[8, -1\]"),
         ({"downstream": "net"}, TypeError, "downstream must be a torch.nn.Module, got str"),
-        ({"head": "huge"}, ValueError, "head must be one of " + str(list(HEAD_NAMES)).replace("[", r"\[")),
+        (
+            {"head": "huge"},
+            ValueError,
+            "head must be one of " + str(list(HEAD_NAMES)).replace("[", r"\["),
+        ),
         ({"init": "zeros"}, ValueError, "init must be 'default' or 'downstream', got 'zeros'"),
-        ({"base": "pretrained"}, ValueError, r"base must be one of \['learned', 'frozen', 'none'\], got 'pretrained'"),
-        ({"init": "default"}, ValueError, "init='default' .* needs base='none'; base='learned' starts at"),
-        ({"base": "none", "init": "downstream"}, ValueError, "init='downstream' needs a base: use base='frozen'"),
-        ({"base": "none", "head": "film"}, ValueError, "FiLMHead modulates a base, but base='none'"),
+        (
+            {"base": "pretrained"},
+            ValueError,
+            r"base must be one of \['learned', 'frozen', 'none'\], got 'pretrained'",
+        ),
+        (
+            {"init": "default"},
+            ValueError,
+            "init='default' .* needs base='none'; base='learned' starts at",
+        ),
+        (
+            {"base": "none", "init": "downstream"},
+            ValueError,
+            "init='downstream' needs a base: use base='frozen'",
+        ),
+        (
+            {"base": "none", "head": "film"},
+            ValueError,
+            "FiLMHead modulates a base, but base='none'",
+        ),
         ({"downstream": nn.ReLU()}, ValueError, "ReLU has no parameters"),
     ],
 )
 def test_constructor_validation(kwargs, error, message):
     args = {"input_dim": 4, "hidden_sizes": [8], "downstream": nn.Linear(2, 2)} | kwargs
     with pytest.raises(error, match=message):
-        HyperNetwork(args.pop("input_dim"), args.pop("hidden_sizes"), args.pop("downstream"), **args)
+        HyperNetwork(
+            args.pop("input_dim"), args.pop("hidden_sizes"), args.pop("downstream"), **args
+        )
 
 
 def test_batchnorm_buffers_stay_with_module():
@@ -300,7 +384,10 @@ def test_pool_callable_and_errors():
     hyper = HyperNetwork(3, [8], nn.Linear(2, 2), pool=lambda e: e[0])
     x = torch.randn(4, 3)
     torch.testing.assert_close(hyper(x)["weight"], hyper(x[:1])["weight"])
-    with pytest.raises(ValueError, match=r"pool must be one of \['max', 'mean', 'sum'\] or a callable, got 'median'"):
+    with pytest.raises(
+        ValueError,
+        match=r"pool must be one of \['max', 'mean', 'sum'\] or a callable, got 'median'",
+    ):
         HyperNetwork(3, [8], nn.Linear(2, 2), pool="median")
 
 
@@ -315,7 +402,9 @@ def test_no_update_trains_exactly_like_direct_training():
     for _ in range(30):
         x, y = torch.randn(16, 6), torch.randn(16, 3)
         losses = []
-        for optimizer, forward in zip(optimizers, [direct, lambda x: functional_call(downstream, hyper(x), x)]):
+        for optimizer, forward in zip(
+            optimizers, [direct, lambda x: functional_call(downstream, hyper(x), x)]
+        ):
             loss = (forward(x) - y).square().mean()
             optimizer.zero_grad()
             loss.backward()

@@ -24,8 +24,10 @@ def stacked_inputs(case: Case) -> tuple:
 
 
 def loop(module: nn.Module, params: dict, inputs: tuple) -> object:
-    outs = [functional_call(module, {k: v[i] for k, v in params.items()}, tuple(a[i] for a in inputs))
-            for i in range(B)]
+    outs = [
+        functional_call(module, {k: v[i] for k, v in params.items()}, tuple(a[i] for a in inputs))
+        for i in range(B)
+    ]
     flat = [tree_flatten(o) for o in outs]
     return [torch.stack(parts) for parts in zip(*(f[0] for f in flat))]
 
@@ -40,8 +42,10 @@ def test_matches_loop_outputs_and_gradients(case: Case):
     """Every module of the table (vmap fallback or fast path) against a loop of functional_call."""
     module = case.build().eval()
     before = copy.deepcopy(module.state_dict())
-    params = {n: (p.detach() + 0.1 * torch.randn(B, *p.shape)).requires_grad_()
-              for n, p in module.named_parameters()}
+    params = {
+        n: (p.detach() + 0.1 * torch.randn(B, *p.shape)).requires_grad_()
+        for n, p in module.named_parameters()
+    }
     inputs = tuple(t.requires_grad_() if t.is_floating_point() else t for t in stacked_inputs(case))
     leaves = list(params.values()) + [t for t in inputs if t.requires_grad]
 
@@ -51,11 +55,16 @@ def test_matches_loop_outputs_and_gradients(case: Case):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     weights = [torch.randn_like(w) for w in want]
-    for g, w, name in zip(grads(got, leaves, weights), grads(want, leaves, weights),
-                          list(params) + ["input"] * len(inputs)):
+    for g, w, name in zip(
+        grads(got, leaves, weights),
+        grads(want, leaves, weights),
+        list(params) + ["input"] * len(inputs),
+    ):
         assert (g is None) == (w is None), name
         if g is not None:
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(
+                g, w, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+            )
     after = module.state_dict()
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
@@ -96,8 +105,10 @@ def test_batchnorm_train_mode_policy(momentum):
     for wrap in (lambda m: m, lambda m: nn.Sequential(nn.Identity(), Custom(m))):  # fast path, vmap
         module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=momentum)).train()
         module = wrap(module)
-        params = {n: (p.detach() + 0.1 * torch.randn(B, *p.shape)).requires_grad_()
-                  for n, p in module.named_parameters()}
+        params = {
+            n: (p.detach() + 0.1 * torch.randn(B, *p.shape)).requires_grad_()
+            for n, p in module.named_parameters()
+        }
         x = torch.randn(B, 6, 3, 5, 5)
         start = copy.deepcopy(module)
         got = per_sample_call(module, params, x)
@@ -158,8 +169,17 @@ def test_multiple_inputs_kwargs_and_shared():
     params = {n: torch.randn(B, *p.shape) for n, p in module.named_parameters()}
     x, y, extra = torch.randn(B, 3), torch.randn(B, 2), torch.randn(B, 4)
     got = per_sample_call(module, params, (x, y), {"scale": 2.0, "extra": extra})
-    want = torch.stack([functional_call(module, {k: v[i] for k, v in params.items()}, (x[i], y[i]),
-                                        {"scale": 2.0, "extra": extra[i]}) for i in range(B)])
+    want = torch.stack(
+        [
+            functional_call(
+                module,
+                {k: v[i] for k, v in params.items()},
+                (x[i], y[i]),
+                {"scale": 2.0, "extra": extra[i]},
+            )
+            for i in range(B)
+        ]
+    )
     torch.testing.assert_close(got, want)
 
 
@@ -167,13 +187,17 @@ def test_errors():
     module = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
     good = {n: torch.randn(B, *p.shape) for n, p in module.named_parameters()}
     x = torch.randn(B, 4)
-    with pytest.raises(ValueError, match=r"not parameters or buffers of Sequential: \['2.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"not parameters or buffers of Sequential: \['2.weight'\]"
+    ):
         per_sample_call(module, {**good, "2.weight": torch.randn(B, 2)}, x)
     with pytest.raises(ValueError, match=r"0.weight: expected \(3, 6, 4\), got \(6, 4\)"):
         per_sample_call(module, {**good, "0.weight": torch.randn(6, 4)}, x)
     with pytest.raises(ValueError, match=r"1.bias: expected \(3, 2\), got \(4, 2\)"):
         per_sample_call(module, {**good, "1.bias": torch.randn(4, 2)}, x)
-    with pytest.raises(ValueError, match=r"leading dimension B == 3 of params, got shapes \[\(5, 4\)\]"):
+    with pytest.raises(
+        ValueError, match=r"leading dimension B == 3 of params, got shapes \[\(5, 4\)\]"
+    ):
         per_sample_call(module, good, torch.randn(5, 4))
     with pytest.raises(TypeError, match="params must be a dict of name -> Tensor, got list"):
         per_sample_call(module, [1], x)
@@ -206,9 +230,13 @@ def test_hypernetwork_per_sample_and_per_set(pool):
 
 def test_per_set_errors():
     hyper = HyperNetwork(CONTEXT_DIM, [8], nn.Linear(2, 2))
-    with pytest.raises(ValueError, match=r"non-empty batch of sets \(S, B, \*\) .* got shape \(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"non-empty batch of sets \(S, B, \*\) .* got shape \(5,\)"
+    ):
         hyper.per_set(torch.randn(5))
-    with pytest.raises(ValueError, match=r"\(S, B, \*\) with prod\(\*\) == input_dim == 5, got shape \(2, 3, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"\(S, B, \*\) with prod\(\*\) == input_dim == 5, got shape \(2, 3, 4\)"
+    ):
         hyper.per_set(torch.randn(2, 3, 4))
 
 
@@ -263,7 +291,11 @@ def test_many_sets_fold_scale_into_dense_head(base):
 
     def gradients(params_list) -> dict:
         hyper.zero_grad()
-        sum((params[n] * weights[n][i]).sum() for i, params in enumerate(params_list) for n in params).backward()
+        sum(
+            (params[n] * weights[n][i]).sum()
+            for i, params in enumerate(params_list)
+            for n in params
+        ).backward()
         return {n: p.grad.clone() for n, p in hyper.named_parameters()}
 
     a = gradients([{n: v[i] for n, v in hyper.per_sample(c).items()} for i in range(20)])

@@ -45,7 +45,9 @@ def test_attention_pool_batched_sets():
 
 
 def test_attention_pool_errors():
-    with pytest.raises(ValueError, match="heads must be a positive int that divides features=6, got 4"):
+    with pytest.raises(
+        ValueError, match="heads must be a positive int that divides features=6, got 4"
+    ):
         AttentionPool(6, heads=4)
     with pytest.raises(ValueError, match="features must be a positive int, got 0"):
         AttentionPool(0)
@@ -57,7 +59,9 @@ def test_attention_pool_errors():
 def test_unknown_pool_names_attention():
     with pytest.raises(ValueError, match=r"got 'median' \(attention pooling: pool='attention'"):
         HyperNetwork(3, [8], nn.Linear(2, 2), pool="median")
-    with pytest.raises(TypeError, match=r"pool must be a name or a callable \(B, H\) -> \(H,\), got 3"):
+    with pytest.raises(
+        TypeError, match=r"pool must be a name or a callable \(B, H\) -> \(H,\), got 3"
+    ):
         HyperNetwork(3, [8], nn.Linear(2, 2), pool=3)
 
 

@@ -12,7 +12,9 @@ from torch.func import functional_call
 from torchhyper import HyperNetwork, bind, load_params
 from torchhyper.zoo import VAE, AffineFlow, GaussianMixture
 
-needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="needs diffusers")
+needs_diffusers = pytest.mark.skipif(
+    importlib.util.find_spec("diffusers") is None, reason="needs diffusers"
+)
 
 
 def test_gmm_log_prob_matches_torch_distributions():
@@ -31,16 +33,25 @@ def test_gmm_log_prob_matches_torch_distributions():
 
 def test_gmm_any_generated_values_are_valid():
     gmm = GaussianMixture(2, dim=1)
-    wild = {"logits": torch.tensor([40.0, -40.0]), "means": torch.tensor([[1e3], [-1e3]]),
-            "log_scales": torch.tensor([[-5.0], [5.0]])}
+    wild = {
+        "logits": torch.tensor([40.0, -40.0]),
+        "means": torch.tensor([[1e3], [-1e3]]),
+        "log_scales": torch.tensor([[-5.0], [5.0]]),
+    }
     out = functional_call(gmm, wild, (torch.randn(5, 1),))
     assert torch.isfinite(out).all()
 
 
 def test_gmm_sample_moments():
     gmm = GaussianMixture(2, dim=1)
-    load_params(gmm, {"logits": torch.tensor([0.8, 0.2]).log(), "means": torch.tensor([[0.0], [2.0]]),
-                      "log_scales": torch.zeros(2, 1)})
+    load_params(
+        gmm,
+        {
+            "logits": torch.tensor([0.8, 0.2]).log(),
+            "means": torch.tensor([[0.0], [2.0]]),
+            "log_scales": torch.zeros(2, 1),
+        },
+    )
     x = gmm.sample(20000, generator=torch.Generator().manual_seed(0))
     assert x.shape == (20000, 1)
     assert abs(x.mean().item() - 0.4) < 0.05  # 0.8 * 0 + 0.2 * 2
@@ -89,12 +100,17 @@ def test_vae_elbo_matches_a_hand_computation():
 
 
 def test_vae_rejects_an_empty_hidden_list():
-    with pytest.raises(ValueError, match=r"hidden_sizes must be a non-empty list of positive ints, got \[\]"):
+    with pytest.raises(
+        ValueError, match=r"hidden_sizes must be a non-empty list of positive ints, got \[\]"
+    ):
         VAE(6, hidden_sizes=[])
 
 
-@pytest.mark.parametrize("build", [lambda: GaussianMixture(2), lambda: AffineFlow(3), lambda: VAE(4, latent_dim=2)],
-                         ids=["gmm", "flow", "vae"])
+@pytest.mark.parametrize(
+    "build",
+    [lambda: GaussianMixture(2), lambda: AffineFlow(3), lambda: VAE(4, latent_dim=2)],
+    ids=["gmm", "flow", "vae"],
+)
 def test_hypernetwork_generates_each_zoo_model_with_gradients(build):
     model = build().requires_grad_(False)
     dim = {GaussianMixture: 1, AffineFlow: 3, VAE: 4}[type(model)]
@@ -115,7 +131,9 @@ def test_ddpm_loss_and_sampling_with_generated_weights():
 
     from torchhyper.zoo import DDPM
 
-    ddpm = DDPM(8, block_out_channels=(8, 16), norm_num_groups=4, num_train_timesteps=50).requires_grad_(False)
+    ddpm = DDPM(
+        8, block_out_channels=(8, 16), norm_num_groups=4, num_train_timesteps=50
+    ).requires_grad_(False)
     assert isinstance(ddpm.unet, UNet2DModel)
     assert all(n.startswith("unet.") for n, _ in ddpm.named_parameters())
     x = torch.rand(3, 1, 8, 8) * 2 - 1
@@ -126,7 +144,9 @@ def test_ddpm_loss_and_sampling_with_generated_weights():
     t = torch.randint(0, 50, (3,))
     noise = torch.randn_like(x)
     noisy = ddpm.scheduler.add_noise(x, noise, t)
-    torch.testing.assert_close(loss, (ddpm.unet(noisy, t).sample - noise).square().flatten(1).mean(1))
+    torch.testing.assert_close(
+        loss, (ddpm.unet(noisy, t).sample - noise).square().flatten(1).mean(1)
+    )
 
     hypernetwork = HyperNetwork(64, [8, 16], ddpm)
     params = hypernetwork(x.flatten(1))

@@ -50,7 +50,9 @@ def _affine(y: Tensor, ctx: _Context, module: nn.Module, channel_dim: int) -> Te
             continue
         trailing = y.dim() - channel_dim - (value.dim() - batched)
         if batched:
-            value = value.view(value.shape[0], *[1] * (channel_dim - 1), *value.shape[1:], *[1] * trailing)
+            value = value.view(
+                value.shape[0], *[1] * (channel_dim - 1), *value.shape[1:], *[1] * trailing
+            )
         else:
             value = value.view(*value.shape, *[1] * trailing)
         y = op(y, value)
@@ -62,7 +64,11 @@ def _linear(m: nn.Linear, x: Tensor, ctx: _Context) -> Any:
     b, b_batched = ctx.get(m, "bias")
     if not w_batched:
         y = F.linear(x, w)
-        return y if b is None else y + (b.view(b.shape[0], *[1] * (y.dim() - 2), -1) if b_batched else b)
+        return (
+            y
+            if b is None
+            else y + (b.view(b.shape[0], *[1] * (y.dim() - 2), -1) if b_batched else b)
+        )
     # (B, L, in) @ (B, in, out): each slice of x is one example (B, in) or a batch (B, L, in).
     dim = x.dim()
     flat = x.unsqueeze(1) if dim == 2 else x if dim == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
@@ -92,7 +98,13 @@ def _conv(m: nn.modules.conv._ConvNd, x: Tensor, ctx: _Context) -> Any:
         y = conv(stacked, w.reshape(-1, *w.shape[2:]), bias, groups=batch * m.groups, **options)
         y = y.view(n, batch, -1, *y.shape[2:]).transpose(0, 1)
     else:
-        y = conv(x.reshape(batch * n, *x.shape[2:]), w, None if b_batched else b, groups=m.groups, **options)
+        y = conv(
+            x.reshape(batch * n, *x.shape[2:]),
+            w,
+            None if b_batched else b,
+            groups=m.groups,
+            **options,
+        )
         y = y.view(batch, n, *y.shape[1:])
         if b_batched:
             y = y + b.view(batch, 1, -1, *[1] * dims)
@@ -138,7 +150,9 @@ def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x: Tensor, ctx: _Context) ->
     return _affine(y, ctx, m, 2)
 
 
-def _update_running_stats(m: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, count: int) -> None:
+def _update_running_stats(
+    m: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, count: int
+) -> None:
     """One update with the average over samples of each sample's batch statistics."""
     with torch.no_grad():
         m.num_batches_tracked.add_(1)
@@ -166,7 +180,9 @@ def _project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return y
 
 
-def _cell(kind: type, gx: Tensor, gh: Tensor, state: tuple[Tensor, ...], act: Any) -> tuple[Tensor, ...]:
+def _cell(
+    kind: type, gx: Tensor, gh: Tensor, state: tuple[Tensor, ...], act: Any
+) -> tuple[Tensor, ...]:
     """One step: input gates ``gx`` and hidden gates ``gh`` (B, N, G * H) to the new state."""
     if kind is nn.RNN:
         return (act(gx + gh),)
@@ -211,7 +227,9 @@ def _rnn(m: nn.RNNBase, x: Tensor, ctx: _Context) -> Any:
         if m.dropout and m.training and layer < m.num_layers - 1:
             seq = F.dropout(seq, m.dropout, training=True)
     out = seq.squeeze(1) if unbatched else (seq if m.batch_first else seq.transpose(1, 2))
-    parts = [torch.stack([f[k] for f in finals], dim=1) for k in range(len(finals[0]))]  # (B, D*L, N, H)
+    parts = [
+        torch.stack([f[k] for f in finals], dim=1) for k in range(len(finals[0]))
+    ]  # (B, D*L, N, H)
     parts = [p.squeeze(2) if unbatched else p for p in parts]
     return (out, parts[0]) if kind is not nn.LSTM else (out, (parts[0], parts[1]))
 
@@ -221,9 +239,27 @@ def _elementwise(m: nn.Module, x: Tensor, ctx: _Context) -> Any:
 
 
 _ELEMENTWISE = (
-    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish,
-    nn.Hardsigmoid, nn.LogSigmoid, nn.Tanhshrink, nn.Dropout, nn.AlphaDropout,
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LogSigmoid,
+    nn.Tanhshrink,
+    nn.Dropout,
+    nn.AlphaDropout,
 )
 
 _FAST: dict[type, Callable[[Any, Tensor, _Context], Any]] = {

@@ -53,7 +53,9 @@ class _Generator(nn.Module):
     ) -> None:
         """Describes the downstream and builds the norm, base, head and gains."""
         if not isinstance(downstream, nn.Module):
-            raise TypeError(f"downstream must be a torch.nn.Module, got {type(downstream).__name__}")
+            raise TypeError(
+                f"downstream must be a torch.nn.Module, got {type(downstream).__name__}"
+            )
         if base not in BASES:
             raise ValueError(f"base must be one of {list(BASES)}, got {base!r}")
         if init not in (None, "default", "downstream"):
@@ -76,7 +78,9 @@ class _Generator(nn.Module):
             )
         all_names = [n for n, _ in downstream.named_parameters()]
         if not all_names:
-            raise ValueError(f"the downstream {type(downstream).__name__} has no parameters to generate")
+            raise ValueError(
+                f"the downstream {type(downstream).__name__} has no parameters to generate"
+            )
         names = _select(all_names, include, exclude)
         params = dict(downstream.named_parameters())
 

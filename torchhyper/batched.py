@@ -91,7 +91,11 @@ def per_sample_call(
             return _forward(downstream, args[0], ctx)
         x = args[0]
         for module, fast in plan:
-            y = fast(module, x, ctx) if fast is not None and not _has_hooks(module) else NotImplemented
+            y = (
+                fast(module, x, ctx)
+                if fast is not None and not _has_hooks(module)
+                else NotImplemented
+            )
             x = _vmapped(module, (x,), {}, ctx) if y is NotImplemented else y
         return x
     return _vmapped(downstream, args, kwargs, ctx)
@@ -104,7 +108,10 @@ class _Index:
         self.slots: list[tuple[dict, str, Tensor]] = []
         self.tensors: dict[str, Tensor] = {}
         self.names: dict[int, str] = {}  # id(tensor) -> its (first) name
-        for kind, named in (("_parameters", module.named_parameters), ("_buffers", module.named_buffers)):
+        for kind, named in (
+            ("_parameters", module.named_parameters),
+            ("_buffers", module.named_buffers),
+        ):
             for name, t in named():
                 owner, _, attr = name.rpartition(".")
                 self.slots.append((getattr(module.get_submodule(owner), kind), attr, t))
@@ -119,7 +126,9 @@ class _Index:
     def plan(self, module: nn.Module) -> list[tuple[nn.Module, Any]] | None:
         """The leaves of ``module``, a tree of ``nn.Sequential``, with their fast handlers; None
         when the tree has hooks on a container or is not such a tree."""
-        if self._plan is None or any(list(c._modules.values()) != kids for c, kids in self._containers):
+        if self._plan is None or any(
+            list(c._modules.values()) != kids for c, kids in self._containers
+        ):
             self._containers = []
             self._plan = self._flatten(module)
         if any(_has_hooks(c) for c, _ in self._containers):
@@ -155,14 +164,23 @@ def _check(
     batch = -1
     for k, v in params.items():  # the common, valid case in one cheap pass
         ref = tensors.get(k)
-        if ref is None or not isinstance(v, Tensor) or v.dim() != ref.dim() + 1 or v.shape[1:] != ref.shape:
+        if (
+            ref is None
+            or not isinstance(v, Tensor)
+            or v.dim() != ref.dim() + 1
+            or v.shape[1:] != ref.shape
+        ):
             break
         if batch != v.shape[0]:
             if batch != -1:
                 break
             batch = v.shape[0]
     else:
-        if batch > 0 and all(isinstance(a, Tensor) and a.dim() and a.shape[0] == batch for a in args) and not kwargs:
+        if (
+            batch > 0
+            and all(isinstance(a, Tensor) and a.dim() and a.shape[0] == batch for a in args)
+            and not kwargs
+        ):
             return batch, index
     return _explain(downstream, params, args, kwargs)
 
@@ -190,14 +208,21 @@ def _explain(
     wrong = [
         f"{k}: expected ({batch}, {', '.join(map(str, reference[k].shape))}), got {tuple(v.shape)}"
         for k, v in params.items()
-        if v.dim() != reference[k].dim() + 1 or v.shape[0] != batch or v.shape[1:] != reference[k].shape
+        if v.dim() != reference[k].dim() + 1
+        or v.shape[0] != batch
+        or v.shape[1:] != reference[k].shape
     ]
     if wrong or batch == 0:
         raise ValueError(
-            "params must have shape (B, *shape) with one B >= 1 for all: " + "; ".join(wrong or ["B == 0"])
+            "params must have shape (B, *shape) with one B >= 1 for all: "
+            + "; ".join(wrong or ["B == 0"])
         )
     leaves = tree_flatten((args, kwargs))[0]
-    bad = [tuple(t.shape) for t in leaves if isinstance(t, Tensor) and (t.dim() == 0 or t.shape[0] != batch)]
+    bad = [
+        tuple(t.shape)
+        for t in leaves
+        if isinstance(t, Tensor) and (t.dim() == 0 or t.shape[0] != batch)
+    ]
     if bad:
         raise ValueError(
             f"every tensor input must have the leading dimension B == {batch} of params, got shapes "
@@ -208,7 +233,9 @@ def _explain(
 
 def _has_hooks(module: nn.Module) -> bool:
     return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
         or module._backward_pre_hooks
     )
 
@@ -243,7 +270,11 @@ def _vmapped(module: nn.Module, args: tuple, kwargs: dict, ctx: _Context) -> Any
     stats: dict[str, Tensor] = {}
     owners: dict[str, Tensor] = {}
     for name, m in module.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.running_mean is not None:
+        if (
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.training
+            and m.running_mean is not None
+        ):
             for attr in ("running_mean", "running_var"):
                 key = f"{name}.{attr}" if name else attr
                 if key not in sub:
@@ -255,7 +286,9 @@ def _vmapped(module: nn.Module, args: tuple, kwargs: dict, ctx: _Context) -> Any
 
     dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, (args, kwargs))
     with vmap_compatible():
-        out = torch.func.vmap(call, in_dims=(0, 0, *dims), randomness="different")(sub, stats, args, kwargs)
+        out = torch.func.vmap(call, in_dims=(0, 0, *dims), randomness="different")(
+            sub, stats, args, kwargs
+        )
     with torch.no_grad():
         for key, copies in stats.items():
             owners[key].copy_(copies.mean(0))

@@ -82,7 +82,9 @@ class EmbeddingHyperNetwork(_Generator):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         sizes = list(hidden_sizes) if isinstance(hidden_sizes, (list, tuple)) else None
-        if sizes is None or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes):
+        if sizes is None or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes
+        ):
             raise ValueError(f"hidden_sizes must be a list of positive ints, got {hidden_sizes!r}")
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
@@ -116,7 +118,12 @@ class EmbeddingHyperNetwork(_Generator):
         device = self.embedding.weight.device
         if isinstance(ids, int) and not isinstance(ids, bool):
             ids = torch.tensor(ids, device=device)
-        if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        if (
+            not isinstance(ids, Tensor)
+            or ids.is_floating_point()
+            or ids.is_complex()
+            or ids.dtype == torch.bool
+        ):
             shown = f"dtype {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
             raise TypeError(f"ids must be an int or an integer tensor, got {shown}")
         if ids.device != device:
@@ -176,7 +183,11 @@ def output_regularizer(params: Mapping[str, Tensor], targets: Mapping[str, Tenso
             f"params and targets must have the same keys: missing from targets {missing}, "
             f"not in params {unexpected}"
         )
-    wrong = [f"{k}: {tuple(params[k].shape)} vs {tuple(v.shape)}" for k, v in targets.items() if v.shape != params[k].shape]
+    wrong = [
+        f"{k}: {tuple(params[k].shape)} vs {tuple(v.shape)}"
+        for k, v in targets.items()
+        if v.shape != params[k].shape
+    ]
     if wrong:
         raise ValueError("params and targets must have the same shapes: " + "; ".join(wrong))
     first = next(iter(params.values()))

@@ -25,7 +25,10 @@ def _slots(module: nn.Module) -> dict[str, list[tuple[nn.Module, str, str]]]:
     holds that tensor: ``(owner, "_parameters" or "_buffers", attribute)``. Tied tensors have
     several places under one name."""
     slots: dict[str, list[tuple[nn.Module, str, str]]] = {}
-    for kind, named in (("_parameters", module.named_parameters), ("_buffers", module.named_buffers)):
+    for kind, named in (
+        ("_parameters", module.named_parameters),
+        ("_buffers", module.named_buffers),
+    ):
         first: dict[int, str] = {}
         for name, tensor in named(remove_duplicate=False):
             key = first.setdefault(id(tensor), name)
@@ -99,7 +102,9 @@ def bind(module: nn.Module, params: Mapping[str, Tensor]) -> Iterator[nn.Module]
         ...     samples = flow.sample(64)
     """
     slots = _slots(module)
-    _check(module, params, argument="params", names=list(slots), require_all=False, check_dtype=False)
+    _check(
+        module, params, argument="params", names=list(slots), require_all=False, check_dtype=False
+    )
     saved: list[tuple[dict[str, Tensor], str, Tensor]] = []
     try:
         for name, value in params.items():

@@ -119,7 +119,9 @@ class Head(nn.Module):
         return f"in_features={self.in_features}, tensors={len(self.shapes)}, numel={self.numel}"
 
 
-def _assemble(raw: Tensor, coef: Tensor, bases: Sequence[Tensor], numels: list[int]) -> list[Tensor]:
+def _assemble(
+    raw: Tensor, coef: Tensor, bases: Sequence[Tensor], numels: list[int]
+) -> list[Tensor]:
     # Tensor by tensor, with scalar coefficients: no N-sized copies of them, whose backward
     # (an index_add over N values) cost as much as a small downstream's step.
     parts = raw.split(numels, dim=-1)
@@ -129,7 +131,9 @@ def _assemble(raw: Tensor, coef: Tensor, bases: Sequence[Tensor], numels: list[i
 class _ModuleHead(Head):
     """Any module ``(*, H) -> (*, N)`` that a head factory returned, as a :class:`Head`."""
 
-    def __init__(self, module: nn.Module, in_features: int, shapes: Sequence[Sequence[int]]) -> None:
+    def __init__(
+        self, module: nn.Module, in_features: int, shapes: Sequence[Sequence[int]]
+    ) -> None:
         super().__init__(in_features, shapes)
         self.module = module
 
@@ -203,7 +207,9 @@ class FiLMHead(Head):
         self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
     ) -> list[Tensor]:
         if bases and bases[0].dim() == 0:  # base="none" passes scalar offsets
-            raise ValueError("FiLMHead modulates a base: build the hypernetwork with base='learned' or 'frozen'")
+            raise ValueError(
+                "FiLMHead modulates a base: build the hypernetwork with base='learned' or 'frozen'"
+            )
         batch = z.shape[:-1]
         # One pass over all rows and vector values: 1 + gain * g for rows, scale * gain * s
         # for vectors (a handful of kernels, whatever the number of tensors).
@@ -247,7 +253,9 @@ class DenseHead(Head):
         scale = torch.cat([c.expand(n) for c, n in zip((scale * gain).unbind(), self.numels)])
         base = torch.cat([b.expand(n) for b, n in zip(bases, self.numels)])
         weight = self.weight * scale.unsqueeze(-1)
-        return list(F.linear(z, weight, torch.addcmul(base, scale, self.bias)).split(self.numels, dim=-1))
+        return list(
+            F.linear(z, weight, torch.addcmul(base, scale, self.bias)).split(self.numels, dim=-1)
+        )
 
     def zero_update_(self) -> bool:
         return _zero(self.weight, self.bias)
@@ -284,7 +292,11 @@ class ChunkedHead(Head):
         rank: int = 16,
     ) -> None:
         super().__init__(in_features, shapes)
-        for name, value in (("chunk_size", chunk_size), ("embedding_dim", embedding_dim), ("rank", rank)):
+        for name, value in (
+            ("chunk_size", chunk_size),
+            ("embedding_dim", embedding_dim),
+            ("rank", rank),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.chunk_size = min(chunk_size, max(1, self.numel))
@@ -341,7 +353,9 @@ class LowRankHead(Head):
         self.right = nn.ParameterList(
             [nn.Parameter(torch.randn(self.shapes[i][1:].numel(), rank)) for i in self.matrices]
         )
-        self.coefficients = nn.Linear(in_features, rank * len(self.matrices)) if self.matrices else None
+        self.coefficients = (
+            nn.Linear(in_features, rank * len(self.matrices)) if self.matrices else None
+        )
         small = [self.shapes[i] for i in self.vectors]
         self.small = DenseHead(in_features, small) if small else None
 
@@ -403,7 +417,9 @@ class LoRAHead(Head):
         self.rank = rank
         self.matrices = [_as_matrix(s) for s in self.shapes]
         self.left = nn.ParameterList([nn.Parameter(torch.randn(m, rank)) for m, _ in self.matrices])
-        self.right = nn.ParameterList([nn.Parameter(torch.zeros(n, rank)) for _, n in self.matrices])
+        self.right = nn.ParameterList(
+            [nn.Parameter(torch.zeros(n, rank)) for _, n in self.matrices]
+        )
         self.coefficients = nn.Linear(in_features, rank * len(self.shapes))
         # Unit-variance coefficients for an embedding of unit variance.
         nn.init.normal_(self.coefficients.weight, std=1 / math.sqrt(in_features))
@@ -417,7 +433,9 @@ class LoRAHead(Head):
         c = self.coefficients(z).unflatten(-1, (len(self.shapes), self.rank)) / math.sqrt(self.rank)
         lefts = [left * c[..., k, None, :] for k, left in enumerate(self.left)]  # (*, rows, r)
         if not batch and not torch.compiler.is_compiling():
-            return _LowRankPlusBase.apply(self.noise, self.numel, self.matrices, *lefts, *self.right)
+            return _LowRankPlusBase.apply(
+                self.noise, self.numel, self.matrices, *lefts, *self.right
+            )
         bases = [None] * len(self.shapes) if self.noise is None else self.noise.split(self.numels)
         parts = []
         for left, right, base, (rows, cols) in zip(lefts, self.right, bases, self.matrices):
@@ -603,11 +621,15 @@ def _make_head(
     if isinstance(head, str):
         if head not in HEAD_NAMES:
             raise ValueError(f"head must be one of {list(HEAD_NAMES)} or a callable, got {head!r}")
-        factory: HeadFactory = functools.partial(auto_head, base=base) if head == "auto" else HEADS[head]
+        factory: HeadFactory = (
+            functools.partial(auto_head, base=base) if head == "auto" else HEADS[head]
+        )
     elif callable(head):
         factory = head
     else:
-        raise TypeError(f"head must be a name or a callable (in_features, shapes) -> Head, got {head!r}")
+        raise TypeError(
+            f"head must be a name or a callable (in_features, shapes) -> Head, got {head!r}"
+        )
     module = factory(in_features, shapes)
     if not isinstance(module, nn.Module):
         raise TypeError(f"head factory must return an nn.Module, got {type(module).__name__}")

@@ -133,12 +133,16 @@ class HyperNetwork(_Generator):
         if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
             raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
         sizes = list(hidden_sizes) if isinstance(hidden_sizes, (list, tuple)) else None
-        if not sizes or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes):
+        if not sizes or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes
+        ):
             raise ValueError(
                 f"hidden_sizes must be a non-empty list of positive ints, got {hidden_sizes!r}"
             )
         if not isinstance(downstream, nn.Module):
-            raise TypeError(f"downstream must be a torch.nn.Module, got {type(downstream).__name__}")
+            raise TypeError(
+                f"downstream must be a torch.nn.Module, got {type(downstream).__name__}"
+            )
         self.input_dim = input_dim
         self.hidden_sizes = sizes
 

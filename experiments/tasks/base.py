@@ -48,16 +48,27 @@ class Task:
         raise NotImplementedError
 
     def evaluate(
-        self, hypernetwork: nn.Module, direct: nn.ModuleList, history: dict[str, list[float]], out: Path
+        self,
+        hypernetwork: nn.Module,
+        direct: nn.ModuleList,
+        history: dict[str, list[float]],
+        out: Path,
     ) -> dict[str, Any]:
         r"""Evaluates both models, writes the plots into ``out`` and returns the metrics."""
         raise NotImplementedError
 
     def finish(
-        self, hypernetwork: nn.Module, direct: nn.ModuleList, history: dict[str, list[float]], out: Path
+        self,
+        hypernetwork: nn.Module,
+        direct: nn.ModuleList,
+        history: dict[str, list[float]],
+        out: Path,
     ) -> dict[str, Any]:
         r"""What the trainer calls after training: :meth:`evaluate`, plus what was trained."""
-        return {**self.evaluate(hypernetwork, direct, history, out), "hypernetwork_model": describe(hypernetwork)}
+        return {
+            **self.evaluate(hypernetwork, direct, history, out),
+            "hypernetwork_model": describe(hypernetwork),
+        }
 
 
 def fit_direct(
@@ -72,7 +83,9 @@ def fit_direct(
     from the downstream's own init; returns the fitted params, detached."""
     params = {n: p.detach().clone().requires_grad_(True) for n, p in downstream.named_parameters()}
     optimizer = torch.optim.Adam(params.values(), lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         loss(params, data).backward()
@@ -92,14 +105,18 @@ def describe(hypernetwork: nn.Module) -> dict[str, Any]:
     }
 
 
-def within(hypernetwork: float, direct: float, *, tolerance: float = 0.1, higher_is_better: bool = False) -> bool:
+def within(
+    hypernetwork: float, direct: float, *, tolerance: float = 0.1, higher_is_better: bool = False
+) -> bool:
     r"""Whether the hypernetwork's metric is no worse than direct training's by more than
     ``tolerance`` (relative to direct's); being better always counts."""
     margin = tolerance * abs(direct)
     return hypernetwork >= direct - margin if higher_is_better else hypernetwork <= direct + margin
 
 
-def plot_losses(ax: plt.Axes, history: dict[str, list[float]], *, ylabel: str = "training loss") -> None:
+def plot_losses(
+    ax: plt.Axes, history: dict[str, list[float]], *, ylabel: str = "training loss"
+) -> None:
     r"""Training losses of the hypernetwork and of direct training, smoothed over ~1% of steps."""
     for key, label, color in (("hypernetwork", "hypernetwork", "C0"), ("direct", "direct", "C1")):
         values = torch.tensor(history.get(key, []), dtype=torch.float64)

@@ -28,8 +28,13 @@ class DigitSets:
 
     def __init__(self, config: Config, transform) -> None:
         t = config.task
-        self.images: Images = load_images(t.dataset, data_path=t.data_path, test_fraction=t.test_fraction,
-                                          max_train=t.max_train, seed=config.seed)
+        self.images: Images = load_images(
+            t.dataset,
+            data_path=t.data_path,
+            test_fraction=t.test_fraction,
+            max_train=t.max_train,
+            seed=config.seed,
+        )
         self.batch_size = config.batch_size
         self.x_train, self.x_test = transform(self.images.x_train), transform(self.images.x_test)
         if config.amortized:
@@ -47,7 +52,11 @@ class DigitSets:
     def sample(self, generator: torch.Generator) -> tuple[int, Tensor]:
         r"""A dataset index and ``batch_size`` of its training images (without replacement when
         it has enough)."""
-        k = int(torch.randint(len(self.classes), (1,), generator=generator)) if len(self.classes) > 1 else 0
+        k = (
+            int(torch.randint(len(self.classes), (1,), generator=generator))
+            if len(self.classes) > 1
+            else 0
+        )
         index = self.train_index[k]
         if len(index) >= self.batch_size:
             pick = torch.randperm(len(index), generator=generator)[: self.batch_size]

@@ -38,7 +38,9 @@ def _moments(params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 
 def _errors(mean: Tensor, var: Tensor, ref_mean: Tensor, ref_var: Tensor) -> tuple[float, float]:
     r"""Relative errors ``||mean - ref|| / ||ref||`` and ``||cov - ref||_F / ||ref||_F``."""
-    return ((mean - ref_mean).norm() / ref_mean.norm()).item(), ((var - ref_var).norm() / ref_var.norm()).item()
+    return ((mean - ref_mean).norm() / ref_mean.norm()).item(), (
+        (var - ref_var).norm() / ref_var.norm()
+    ).item()
 
 
 class FlowExperiment(Task):
@@ -54,18 +56,24 @@ class FlowExperiment(Task):
             self.num_datasets = 1
             self.mean, self.var = torch.tensor(t.mean), torch.tensor(t.variances)
             gen = torch.Generator().manual_seed(config.seed + 1000)
-            self.data = self.mean + self.var.sqrt() * torch.randn(t.n_train, self.dim, generator=gen)
+            self.data = self.mean + self.var.sqrt() * torch.randn(
+                t.n_train, self.dim, generator=gen
+            )
 
     def random_gaussian(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         (lo, hi), (vlo, vhi) = self.t.mean_range, self.t.variance_range
         u = torch.rand(2, self.dim, generator=generator)
-        return lo + (hi - lo) * u[0], torch.exp(math.log(vlo) + (math.log(vhi) - math.log(vlo)) * u[1])
+        return lo + (hi - lo) * u[0], torch.exp(
+            math.log(vlo) + (math.log(vhi) - math.log(vlo)) * u[1]
+        )
 
     def sample(self, generator: torch.Generator) -> tuple[int, Tensor]:
         n = self.config.batch_size
         if self.config.amortized:
             mean, var = self.random_gaussian(generator)
-            return -1, (mean + var.sqrt() * torch.randn(n, self.dim, generator=generator)).to(self.device)
+            return -1, (mean + var.sqrt() * torch.randn(n, self.dim, generator=generator)).to(
+                self.device
+            )
         return 0, self.data[torch.randperm(len(self.data), generator=generator)[:n]].to(self.device)
 
     def loss(self, params: dict[str, Tensor], batch: Tensor) -> Tensor:
@@ -73,14 +81,22 @@ class FlowExperiment(Task):
 
     # Evaluation ---------------------------------------------------------------------------
 
-    def _score(self, data: Tensor, mean: Tensor, var: Tensor, fits: dict[str, dict[str, Tensor]]) -> dict[str, float]:
+    def _score(
+        self, data: Tensor, mean: Tensor, var: Tensor, fits: dict[str, dict[str, Tensor]]
+    ) -> dict[str, float]:
         mle_mean, mle_var = data.mean(0), data.var(0, unbiased=False)
         scores = {}
         for name, params in fits.items():
             m, v = _moments(params)
-            scores[f"mean_error_{name}"], scores[f"cov_error_{name}"] = _errors(m, v, mle_mean, mle_var)
-            scores[f"mean_error_vs_truth_{name}"], scores[f"cov_error_vs_truth_{name}"] = _errors(m, v, mean, var)
-        scores["mean_error_vs_truth_mle"], scores["cov_error_vs_truth_mle"] = _errors(mle_mean, mle_var, mean, var)
+            scores[f"mean_error_{name}"], scores[f"cov_error_{name}"] = _errors(
+                m, v, mle_mean, mle_var
+            )
+            scores[f"mean_error_vs_truth_{name}"], scores[f"cov_error_vs_truth_{name}"] = _errors(
+                m, v, mean, var
+            )
+        scores["mean_error_vs_truth_mle"], scores["cov_error_vs_truth_mle"] = _errors(
+            mle_mean, mle_var, mean, var
+        )
         return scores
 
     def evaluate(self, hypernetwork, direct: nn.ModuleList, history, out: Path) -> dict[str, Any]:
@@ -90,12 +106,21 @@ class FlowExperiment(Task):
             runs = []
             for i in range(self.t.eval_datasets):
                 mean, var = self.random_gaussian(gen)
-                data = mean + var.sqrt() * torch.randn(self.config.batch_size, self.dim, generator=gen)
+                data = mean + var.sqrt() * torch.randn(
+                    self.config.batch_size, self.dim, generator=gen
+                )
                 with torch.no_grad():
                     hyper = hypernetwork(data.to(self.device))
-                fits = {"hypernetwork": hyper,
-                        "direct": fit_direct(self.downstream, self.loss, data.to(self.device),
-                                             steps=self.t.direct_steps, lr=self.config.direct_lr)}
+                fits = {
+                    "hypernetwork": hyper,
+                    "direct": fit_direct(
+                        self.downstream,
+                        self.loss,
+                        data.to(self.device),
+                        steps=self.t.direct_steps,
+                        lr=self.config.direct_lr,
+                    ),
+                }
                 runs.append(self._score(data, mean, var, fits))
                 if i < 2:
                     panels.append((data, mean, var, fits))
@@ -103,17 +128,24 @@ class FlowExperiment(Task):
             metrics["eval_datasets"] = self.t.eval_datasets
             metrics["points_per_dataset"] = self.config.batch_size
             metrics["amortization_gap_cov_error_vs_truth"] = (
-                metrics["cov_error_vs_truth_hypernetwork"] - metrics["cov_error_vs_truth_direct"])
+                metrics["cov_error_vs_truth_hypernetwork"] - metrics["cov_error_vs_truth_direct"]
+            )
         else:
             with torch.no_grad():
-                fits = {"hypernetwork": hypernetwork(self.data.to(self.device)),
-                        "direct": dict(direct[0].named_parameters())}
+                fits = {
+                    "hypernetwork": hypernetwork(self.data.to(self.device)),
+                    "direct": dict(direct[0].named_parameters()),
+                }
             metrics = self._score(self.data, self.mean, self.var, fits)
             panels.append((self.data, self.mean, self.var, fits))
             m, v = _moments(fits["hypernetwork"])
-            metrics["recovered_mean_hypernetwork"], metrics["recovered_variances_hypernetwork"] = m.tolist(), v.tolist()
-        metrics["within_10_percent"] = within(metrics["cov_error_vs_truth_hypernetwork"],
-                                              metrics["cov_error_vs_truth_direct"])
+            metrics["recovered_mean_hypernetwork"], metrics["recovered_variances_hypernetwork"] = (
+                m.tolist(),
+                v.tolist(),
+            )
+        metrics["within_10_percent"] = within(
+            metrics["cov_error_vs_truth_hypernetwork"], metrics["cov_error_vs_truth_direct"]
+        )
         self._plot(panels, history, out / "flow.png")
         return metrics
 
@@ -123,7 +155,14 @@ class FlowExperiment(Task):
         for i, (data, mean, var, fits) in enumerate(panels):
             for ax, k, title in ((axes[2 * i], 0, "mean"), (axes[2 * i + 1], 1, "variance")):
                 ax.plot(dims, (mean, var)[k], "k-", lw=1.5, label="truth")
-                ax.plot(dims, (data.mean(0), data.var(0, unbiased=False))[k], "ks", ms=4, mfc="none", label="MLE")
+                ax.plot(
+                    dims,
+                    (data.mean(0), data.var(0, unbiased=False))[k],
+                    "ks",
+                    ms=4,
+                    mfc="none",
+                    label="MLE",
+                )
                 for (name, p), style in zip(fits.items(), ("C0o", "C1x")):
                     ax.plot(dims, _moments(p)[k], style, ms=4, label=name)
                 ax.set_xlabel("dimension")

@@ -30,8 +30,14 @@ __all__ = ["GMMExperiment"]
 
 def _mixture(weights: Tensor, means: Tensor, variances: Tensor) -> GaussianMixture:
     gmm = GaussianMixture(len(weights), dim=1)
-    load_params(gmm, {"logits": weights.log(), "means": means.reshape(-1, 1),
-                      "log_scales": 0.5 * variances.log().reshape(-1, 1)})
+    load_params(
+        gmm,
+        {
+            "logits": weights.log(),
+            "means": means.reshape(-1, 1),
+            "log_scales": 0.5 * variances.log().reshape(-1, 1),
+        },
+    )
     return gmm.requires_grad_(False)
 
 
@@ -47,7 +53,9 @@ class GMMExperiment(Task):
             self.num_datasets = 0
         else:
             self.num_datasets = 1
-            self.truth = _mixture(torch.tensor(t.weights), torch.tensor(t.means), torch.tensor(t.variances))
+            self.truth = _mixture(
+                torch.tensor(t.weights), torch.tensor(t.means), torch.tensor(t.variances)
+            )
             self.data = self.truth.sample(t.n_train, generator=data_gen)
 
     def random_mixture(self, generator: torch.Generator) -> GaussianMixture:
@@ -62,7 +70,9 @@ class GMMExperiment(Task):
 
     def sample(self, generator: torch.Generator) -> tuple[int, Tensor]:
         if self.config.amortized:
-            return -1, self.random_mixture(generator).sample(self.config.batch_size, generator=generator).to(self.device)
+            return -1, self.random_mixture(generator).sample(
+                self.config.batch_size, generator=generator
+            ).to(self.device)
         index = torch.randperm(len(self.data), generator=generator)[: self.config.batch_size]
         return 0, self.data[index].to(self.device)
 
@@ -71,18 +81,24 @@ class GMMExperiment(Task):
 
     # Evaluation ---------------------------------------------------------------------------
 
-    def kl(self, truth: GaussianMixture, params: dict[str, Tensor], generator: torch.Generator) -> float:
+    def kl(
+        self, truth: GaussianMixture, params: dict[str, Tensor], generator: torch.Generator
+    ) -> float:
         r"""Monte-Carlo KL(truth || downstream with params), in nats."""
         x = truth.sample(self.t.mc_samples, generator=generator)
         with torch.no_grad():
-            predicted = functional_call(self.downstream.cpu(), {k: v.cpu() for k, v in params.items()}, (x,))
+            predicted = functional_call(
+                self.downstream.cpu(), {k: v.cpu() for k, v in params.items()}, (x,)
+            )
         return (truth(x) - predicted).mean().item()
 
     def em(self, data: Tensor) -> dict[str, Tensor]:
         r"""The mixture that EM (scikit-learn) fits to ``data``."""
         from sklearn.mixture import GaussianMixture as SKMixture
 
-        fit = SKMixture(self.components, covariance_type="diag", n_init=3, random_state=self.config.seed)
+        fit = SKMixture(
+            self.components, covariance_type="diag", n_init=3, random_state=self.config.seed
+        )
         fit.fit(data.double().numpy())
         return {
             "logits": torch.tensor(fit.weights_, dtype=torch.float32).log(),
@@ -100,17 +116,28 @@ class GMMExperiment(Task):
                 "direct": dict(direct[0].named_parameters()),
                 "em": self.em(self.data),
             }
-        kl = {name: self.kl(self.truth, p, torch.Generator().manual_seed(self.config.seed + 3000))
-              for name, p in fits.items()}
+        kl = {
+            name: self.kl(self.truth, p, torch.Generator().manual_seed(self.config.seed + 3000))
+            for name, p in fits.items()
+        }
         self._plot([(self.truth, self.data, fits)], history, out / "gmm.png")
         return {
-            "kl_hypernetwork": kl["hypernetwork"], "kl_direct": kl["direct"], "kl_em": kl["em"], "kl_truth": 0.0,
+            "kl_hypernetwork": kl["hypernetwork"],
+            "kl_direct": kl["direct"],
+            "kl_em": kl["em"],
+            "kl_truth": 0.0,
             "within_10_percent": within(kl["hypernetwork"], kl["direct"]),
             "fits": {name: _describe(p) for name, p in fits.items()},
-            "truth": {"weights": self.t.weights, "means": self.t.means, "variances": self.t.variances},
+            "truth": {
+                "weights": self.t.weights,
+                "means": self.t.means,
+                "variances": self.t.variances,
+            },
         }
 
-    def _finish_amortized(self, hypernetwork, history, out: Path, eval_gen: torch.Generator) -> dict[str, Any]:
+    def _finish_amortized(
+        self, hypernetwork, history, out: Path, eval_gen: torch.Generator
+    ) -> dict[str, Any]:
         kls: dict[str, list[float]] = {"hypernetwork": [], "direct": [], "em": []}
         panels = []
         for i in range(self.t.eval_datasets):
@@ -120,21 +147,32 @@ class GMMExperiment(Task):
                 hyper = hypernetwork(data.to(self.device))
             fits = {
                 "hypernetwork": hyper,
-                "direct": fit_direct(self.downstream, self.loss, data.to(self.device),
-                                     steps=self.t.direct_steps, lr=self.config.direct_lr),
+                "direct": fit_direct(
+                    self.downstream,
+                    self.loss,
+                    data.to(self.device),
+                    steps=self.t.direct_steps,
+                    lr=self.config.direct_lr,
+                ),
                 "em": self.em(data),
             }
             for name, p in fits.items():
-                kls[name].append(self.kl(truth, p, torch.Generator().manual_seed(self.config.seed + 3000 + i)))
+                kls[name].append(
+                    self.kl(truth, p, torch.Generator().manual_seed(self.config.seed + 3000 + i))
+                )
             if i < 4:
                 panels.append((truth, data, fits))
         self._plot(panels, history, out / "gmm.png")
         mean = {k: sum(v) / len(v) for k, v in kls.items()}
         return {
-            "kl_hypernetwork": mean["hypernetwork"], "kl_direct": mean["direct"], "kl_em": mean["em"], "kl_truth": 0.0,
+            "kl_hypernetwork": mean["hypernetwork"],
+            "kl_direct": mean["direct"],
+            "kl_em": mean["em"],
+            "kl_truth": 0.0,
             "amortization_gap": mean["hypernetwork"] - mean["direct"],
             "within_10_percent": within(mean["hypernetwork"], mean["direct"]),
-            "eval_datasets": self.t.eval_datasets, "points_per_dataset": self.config.batch_size,
+            "eval_datasets": self.t.eval_datasets,
+            "points_per_dataset": self.config.batch_size,
             "per_dataset": kls,
         }
 
@@ -149,7 +187,13 @@ class GMMExperiment(Task):
                 ax.plot(g[:, 0], truth(g).exp(), "k-", lw=1.5, label="truth")
                 for (name, p), style in zip(fits.items(), ("C0-", "C1--", "C2:")):
                     cpu = {k: v.detach().cpu() for k, v in p.items()}
-                    ax.plot(g[:, 0], functional_call(self.downstream.cpu(), cpu, (g,)).exp(), style, lw=1.2, label=name)
+                    ax.plot(
+                        g[:, 0],
+                        functional_call(self.downstream.cpu(), cpu, (g,)).exp(),
+                        style,
+                        lw=1.2,
+                        label=name,
+                    )
             ax.set_xlabel("x")
         axes[0].set_ylabel("density")
         axes[0].legend(fontsize=6)

@@ -16,7 +16,9 @@ class DigitClassifier(nn.Module):
 
     def __init__(self, pixels: int, classes: int = 10) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(pixels, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(pixels, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU()
+        )
         self.out = nn.Linear(64, classes)
 
     def features(self, x: Tensor) -> Tensor:

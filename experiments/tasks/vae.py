@@ -51,29 +51,43 @@ class VAEExperiment(Task):
         with torch.no_grad():
             for k in range(len(self.sets)):
                 test = self.sets.test(k).to(self.device)
-                fits = {"hypernetwork": hypernetwork(self.sets.train(k).to(self.device)),
-                        "direct": dict(direct[k].named_parameters())}
+                fits = {
+                    "hypernetwork": hypernetwork(self.sets.train(k).to(self.device)),
+                    "direct": dict(direct[k].named_parameters()),
+                }
                 for name, params in fits.items():
                     with bind(self.downstream, params):
-                        elbo[name].append(self.downstream.elbo(test, samples=self.t.elbo_samples).cpu())
+                        elbo[name].append(
+                            self.downstream.elbo(test, samples=self.t.elbo_samples).cpu()
+                        )
                         grids[name].append(self.downstream.sample(per_row, generator=gen).cpu())
         nats = {k: torch.cat(v).mean().item() for k, v in elbo.items()}
         self._plot(grids, history, out / "vae.png")
         return {
-            "elbo_hypernetwork": nats["hypernetwork"], "elbo_direct": nats["direct"],
+            "elbo_hypernetwork": nats["hypernetwork"],
+            "elbo_direct": nats["direct"],
             "amortization_gap": nats["direct"] - nats["hypernetwork"],
-            "within_10_percent": within(nats["hypernetwork"], nats["direct"], higher_is_better=True),
-            "datasets": len(self.sets), "test_images": sum(len(e) for e in elbo["direct"]),
+            "within_10_percent": within(
+                nats["hypernetwork"], nats["direct"], higher_is_better=True
+            ),
+            "datasets": len(self.sets),
+            "test_images": sum(len(e) for e in elbo["direct"]),
             "elbo_per_dataset": {n: [e.mean().item() for e in v] for n, v in elbo.items()},
         }
 
     def _plot(self, grids, history, path: Path) -> None:
-        side = int(self.pixels ** 0.5)
+        side = int(self.pixels**0.5)
         fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
         for ax, (name, rows) in zip(axes, grids.items()):
             images = torch.cat(rows)[:100].reshape(-1, 10, side, side)
-            ax.imshow(images.permute(0, 2, 1, 3).reshape(-1, 10 * side), cmap="gray_r", interpolation="nearest")
-            ax.set_title(f"{name}: samples" + (" (row = class)" if len(rows) > 1 else ""), fontsize=9)
+            ax.imshow(
+                images.permute(0, 2, 1, 3).reshape(-1, 10 * side),
+                cmap="gray_r",
+                interpolation="nearest",
+            )
+            ax.set_title(
+                f"{name}: samples" + (" (row = class)" if len(rows) > 1 else ""), fontsize=9
+            )
             ax.axis("off")
         plot_losses(axes[-1], history, ylabel="negative ELBO (nats)")
         fig.tight_layout()

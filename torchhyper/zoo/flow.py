@@ -53,7 +53,11 @@ class AffineFlow(nn.Module):
         if x.dim() != 2 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
         z = self.transform(x)
-        return -0.5 * z.square().sum(-1) - 0.5 * self.dim * math.log(2 * math.pi) + self.log_scale.sum()
+        return (
+            -0.5 * z.square().sum(-1)
+            - 0.5 * self.dim * math.log(2 * math.pi)
+            + self.log_scale.sum()
+        )
 
     def log_prob(self, x: Tensor) -> Tensor:
         r"""Same as ``forward``: the log-density ``(B, D) -> (B,)``."""
@@ -72,5 +76,7 @@ class AffineFlow(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         r"""Draws ``n`` examples ``(n, D)``."""
-        z = torch.randn(n, self.dim, generator=generator, device=self.shift.device, dtype=self.shift.dtype)
+        z = torch.randn(
+            n, self.dim, generator=generator, device=self.shift.device, dtype=self.shift.dtype
+        )
         return self.inverse(z)

@@ -63,7 +63,11 @@ class GaussianMixture(nn.Module):
         if x.dim() != 2 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
         z = (x[:, None, :] - self.means) * torch.exp(-self.log_scales)  # (B, K, D)
-        log_normal = -0.5 * z.square().sum(-1) - self.log_scales.sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
+        log_normal = (
+            -0.5 * z.square().sum(-1)
+            - self.log_scales.sum(-1)
+            - 0.5 * self.dim * math.log(2 * math.pi)
+        )
         return torch.logsumexp(torch.log_softmax(self.logits, dim=-1) + log_normal, dim=-1)
 
     def log_prob(self, x: Tensor) -> Tensor:
@@ -74,5 +78,7 @@ class GaussianMixture(nn.Module):
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         r"""Draws ``n`` examples ``(n, D)``."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        noise = torch.randn(n, self.dim, generator=generator, device=self.means.device, dtype=self.means.dtype)
+        noise = torch.randn(
+            n, self.dim, generator=generator, device=self.means.device, dtype=self.means.dtype
+        )
         return self.means[k] + noise * torch.exp(self.log_scales[k])

@@ -42,14 +42,20 @@ class VAE(nn.Module):
         | https://arxiv.org/abs/1312.6114
     """
 
-    def __init__(self, data_dim: int, *, latent_dim: int = 8, hidden_sizes: Sequence[int] = (128,)) -> None:
+    def __init__(
+        self, data_dim: int, *, latent_dim: int = 8, hidden_sizes: Sequence[int] = (128,)
+    ) -> None:
         super().__init__()
         for name, value in (("data_dim", data_dim), ("latent_dim", latent_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         hidden = list(hidden_sizes)
-        if not hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
-            raise ValueError(f"hidden_sizes must be a non-empty list of positive ints, got {hidden_sizes!r}")
+        if not hidden or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden
+        ):
+            raise ValueError(
+                f"hidden_sizes must be a non-empty list of positive ints, got {hidden_sizes!r}"
+            )
         self.data_dim = data_dim
         self.latent_dim = latent_dim
         self.encoder = _mlp([data_dim, *hidden, 2 * latent_dim])
@@ -69,7 +75,9 @@ class VAE(nn.Module):
             raise ValueError(f"x must have shape (B, {self.data_dim}), got {tuple(x.shape)}")
         mean, log_var = self.encode(x)
         z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
-        log_likelihood = -F.binary_cross_entropy_with_logits(self.decode(z), x, reduction="none").sum(-1)
+        log_likelihood = -F.binary_cross_entropy_with_logits(
+            self.decode(z), x, reduction="none"
+        ).sum(-1)
         kl = 0.5 * (mean.square() + log_var.exp() - 1 - log_var).sum(-1)
         return log_likelihood - kl
 
@@ -81,5 +89,7 @@ class VAE(nn.Module):
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         r"""Decodes ``n`` draws from the prior into pixel probabilities ``(n, D)``."""
         weight = self.decoder[0].weight
-        z = torch.randn(n, self.latent_dim, generator=generator, device=weight.device, dtype=weight.dtype)
+        z = torch.randn(
+            n, self.latent_dim, generator=generator, device=weight.device, dtype=weight.dtype
+        )
         return torch.sigmoid(self.decode(z))
