@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import json
 import math
 import os
@@ -283,6 +284,11 @@ def train(config: Config) -> dict[str, Any]:
     bar.close()
 
     evaluated = unsharded(model, hypernetwork, lambda: build_models(config, task, device)[0])
+    # Free the wrapped model (DDP and FSDP2 hold the process group and its gloo threads) while
+    # the interpreter is alive: left to the interpreter's exit, a rank can abort with
+    # "terminate called without an active exception" (seen once in CI on a 2-rank FSDP2 run).
+    del model, hypernetwork, optim
+    gc.collect()
     cleanup()
     if not process.is_main:
         return {}  # evaluation, plots and metrics are rank 0's
