@@ -1,8 +1,8 @@
 r"""torchhyper: modular hypernetworks for any ``torch.nn.Module``."""
 
-from torchhyper.batched import per_sample_call, vmap_compatible
+from torchhyper.per_sample import per_sample_call, vmap_compatible
 from torchhyper.embedding import EmbeddingHyperNetwork, output_regularizer
-from torchhyper.functional import bind, load_params, materialize
+from torchhyper.params import bind, load_params, materialize
 from torchhyper.heads import (
     ChunkedHead,
     DenseHead,
