@@ -1,8 +1,6 @@
 r"""torchhyper: modular hypernetworks for any ``torch.nn.Module``."""
 
-from torchhyper.per_sample import per_sample_call, vmap_compatible
 from torchhyper.embedding import EmbeddingHyperNetwork, output_regularizer
-from torchhyper.params import bind, load_params, materialize
 from torchhyper.heads import (
     ChunkedHead,
     DenseHead,
@@ -14,6 +12,8 @@ from torchhyper.heads import (
     summary,
 )
 from torchhyper.model import HyperNetwork
+from torchhyper.params import bind, load_params, materialize
+from torchhyper.per_sample import per_sample_call, vmap_compatible
 from torchhyper.pooling import AttentionPool
 
 __version__ = "0.2.0"

@@ -33,7 +33,7 @@ class _Context:
 
     def get(self, module: nn.Module, attr: str) -> tuple[Tensor | None, bool]:
         """The tensor to use for ``module.<attr>``, and whether it is per sample."""
-        own = module._parameters.get(attr)
+        own: Tensor | None = module._parameters.get(attr)
         if own is None:
             own = module._buffers.get(attr)
         if own is None:
@@ -62,6 +62,8 @@ def _affine(y: Tensor, ctx: _Context, module: nn.Module, channel_dim: int) -> Te
 def _linear(m: nn.Linear, x: Tensor, ctx: _Context) -> Any:
     w, w_batched = ctx.get(m, "weight")
     b, b_batched = ctx.get(m, "bias")
+    if w is None:
+        return NotImplemented  # no weight to apply: the layer's own forward decides
     if not w_batched:
         y = F.linear(x, w)
         return (
@@ -89,24 +91,23 @@ def _conv(m: nn.modules.conv._ConvNd, x: Tensor, ctx: _Context) -> Any:
     conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
     w, w_batched = ctx.get(m, "weight")
     b, b_batched = ctx.get(m, "bias")
+    if w is None:
+        return NotImplemented
     batch, n = x.shape[:2]
-    options = {"stride": m.stride, "padding": m.padding, "dilation": m.dilation}
+    stride, padding, dilation = m.stride, m.padding, m.dilation
     if w_batched:
         # Samples side by side as channel groups: (N, B * C, *) with B * groups groups.
         stacked = x.transpose(0, 1).reshape(n, batch * x.shape[2], *x.shape[3:])
         bias = None if b is None else (b if b_batched else b.expand(batch, -1)).reshape(-1)
-        y = conv(stacked, w.reshape(-1, *w.shape[2:]), bias, groups=batch * m.groups, **options)
+        w = w.reshape(-1, *w.shape[2:])
+        y = conv(stacked, w, bias, stride, padding, dilation, groups=batch * m.groups)
         y = y.view(n, batch, -1, *y.shape[2:]).transpose(0, 1)
     else:
-        y = conv(
-            x.reshape(batch * n, *x.shape[2:]),
-            w,
-            None if b_batched else b,
-            groups=m.groups,
-            **options,
-        )
+        flat = x.reshape(batch * n, *x.shape[2:])
+        bias = None if b_batched else b
+        y = conv(flat, w, bias, stride, padding, dilation, groups=m.groups)
         y = y.view(batch, n, *y.shape[1:])
-        if b_batched:
+        if b is not None and b_batched:
             y = y + b.view(batch, 1, -1, *[1] * dims)
     return y.squeeze(1) if unbatched else y
 
@@ -133,8 +134,8 @@ def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x: Tensor, ctx: _Context) ->
     if any(ctx.get(m, a)[1] for a in ("running_mean", "running_var")):
         return NotImplemented  # per-sample running statistics: leave them to vmap
     shape = (1, 1, x.shape[2]) + (1,) * (x.dim() - 3)
-    use_batch = m.training or m.running_mean is None
-    if use_batch:
+    running_mean, running_var = m.running_mean, m.running_var
+    if m.training or running_mean is None or running_var is None:
         # Each sample's own batch statistics, as a loop would compute them.
         dims = (1, *range(3, x.dim()))
         count = x.numel() // (x.shape[0] * x.shape[2])
@@ -142,10 +143,10 @@ def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x: Tensor, ctx: _Context) ->
             return NotImplemented  # let PyTorch raise its own error
         var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
         y = (x - mean) * torch.rsqrt(var + m.eps)
-        if m.training and m.track_running_stats and m.running_mean is not None:
+        if m.training and m.track_running_stats and running_mean is not None:
             _update_running_stats(m, mean, var, count)
     else:
-        mean, var = m.running_mean.view(shape), m.running_var.view(shape)
+        mean, var = running_mean.view(shape), running_var.view(shape)
         y = (x - mean) * torch.rsqrt(var + m.eps)
     return _affine(y, ctx, m, 2)
 
@@ -154,17 +155,20 @@ def _update_running_stats(
     m: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, count: int
 ) -> None:
     """One update with the average over samples of each sample's batch statistics."""
+    tracked, running_mean, running_var = m.num_batches_tracked, m.running_mean, m.running_var
+    if tracked is None or running_mean is None or running_var is None:
+        return  # track_running_stats registers all three
     with torch.no_grad():
-        m.num_batches_tracked.add_(1)
-        factor = 1.0 / m.num_batches_tracked.item() if m.momentum is None else m.momentum
+        tracked.add_(1)
+        factor = 1.0 / tracked.item() if m.momentum is None else m.momentum
         unbiased = var * (count / (count - 1))
-        m.running_mean.mul_(1 - factor).add_(mean.mean(0).flatten(), alpha=factor)
-        m.running_var.mul_(1 - factor).add_(unbiased.mean(0).flatten(), alpha=factor)
+        running_mean.mul_(1 - factor).add_(mean.mean(0).flatten(), alpha=factor)
+        running_var.mul_(1 - factor).add_(unbiased.mean(0).flatten(), alpha=factor)
 
 
 def _embedding(m: nn.Embedding, x: Tensor, ctx: _Context) -> Any:
     w, batched = ctx.get(m, "weight")
-    if m.padding_idx is not None or m.max_norm is not None or x.is_floating_point():
+    if w is None or m.padding_idx is not None or m.max_norm is not None or x.is_floating_point():
         return NotImplemented  # padding rows get no gradient, max_norm renormalizes in place
     if not batched:
         return F.embedding(x, w)
@@ -213,9 +217,11 @@ def _rnn(m: nn.RNNBase, x: Tensor, ctx: _Context) -> Any:
             sfx = f"_l{layer}" + ("_reverse" if d else "")
             w_ih, w_hh = ctx.get(m, "weight_ih" + sfx)[0], ctx.get(m, "weight_hh" + sfx)[0]
             b_ih, b_hh = ctx.get(m, "bias_ih" + sfx)[0], ctx.get(m, "bias_hh" + sfx)[0]
+            if w_ih is None or w_hh is None:
+                return NotImplemented
             gx = _project(seq.reshape(batch, n * steps, -1), w_ih, b_ih).view(batch, n, steps, -1)
             zeros = seq.new_zeros(batch, n, m.hidden_size)
-            state = (zeros, zeros) if kind is nn.LSTM else (zeros,)
+            state: tuple[Tensor, ...] = (zeros, zeros) if kind is nn.LSTM else (zeros,)
             hs = [zeros] * steps
             for t in reversed(range(steps)) if d else range(steps):
                 gh = _project(state[0], w_hh, b_hh)
@@ -262,7 +268,11 @@ _ELEMENTWISE = (
     nn.AlphaDropout,
 )
 
-_FAST: dict[type, Callable[[Any, Tensor, _Context], Any]] = {
+# A handler: (layer, x (B, *), ctx) -> y (B, *) or NotImplemented. The layer is typed Any because
+# each handler takes its own layer type, and a callable's argument types cannot be narrowed.
+_Handler = Callable[[Any, Tensor, _Context], Any]
+
+_FAST: dict[type[nn.Module], _Handler] = {
     nn.Linear: _linear,
     nn.Conv1d: _conv,
     nn.Conv2d: _conv,

@@ -13,10 +13,13 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+
+from torchhyper._names import _walk
 
 __all__: list[str] = []
 
@@ -73,12 +76,10 @@ def _reset_all(module: nn.Module) -> None:
     # Children first, then parents: a parent's reset (e.g. MultiheadAttention zeroing its
     # out_proj bias) must override its children's, as it does at construction. A tied tensor
     # keeps the init of its first owner, as construction followed by tying gives it.
-    first: dict[int, str] = {}
     aliases: dict[nn.Module, list[str]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        if first.setdefault(id(p), name) != name:
-            owner, _, attr = name.rpartition(".")
-            aliases.setdefault(module.get_submodule(owner), []).append(attr)
+    for slot in _walk(module):
+        if slot.kind == "_parameters" and slot.name != slot.first:
+            aliases.setdefault(slot.owner, []).append(slot.attr)
 
     def call_reset(m: nn.Module) -> None:
         for method in ("reset_parameters", "_reset_parameters"):
@@ -91,11 +92,15 @@ def _reset_all(module: nn.Module) -> None:
                 return
 
     def reset(m: nn.Module) -> None:
-        kept = [(a, m._parameters[a].detach().clone()) for a in aliases.get(m, [])]
+        kept = [
+            (a, p.detach().clone())
+            for a in aliases.get(m, [])
+            if (p := m._parameters[a]) is not None
+        ]
         if parametrize.is_parametrized(m):
             # A reset writes into the computed tensor (weight), not into its originals: let it
             # write into the cached tensor, then assign that through the right inverse.
-            names = list(m.parametrizations.keys())
+            names = list(cast(nn.ModuleDict, m.parametrizations).keys())
             with parametrize.cached():
                 call_reset(m)
                 values = {t: getattr(m, t).clone() for t in names}
@@ -107,7 +112,9 @@ def _reset_all(module: nn.Module) -> None:
         else:
             call_reset(m)
         for a, value in kept:
-            m._parameters[a].copy_(value)
+            p = m._parameters[a]
+            if p is not None:
+                p.copy_(value)
 
     module.apply(reset)
 

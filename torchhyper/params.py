@@ -13,27 +13,22 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from torchhyper._names import _Slot, _walk
+
 __all__ = ["bind", "load_params", "materialize"]
 
 
-def _slots(module: nn.Module) -> dict[str, list[tuple[nn.Module, str, str]]]:
+def _slots(module: nn.Module) -> dict[str, list[_Slot]]:
     """Maps each parameter or buffer name (as ``named_parameters()`` spells it) to every place that
-    holds that tensor: ``(owner, "_parameters" or "_buffers", attribute)``. Tied tensors have
-    several places under one name."""
-    slots: dict[str, list[tuple[nn.Module, str, str]]] = {}
-    for kind, named in (
-        ("_parameters", module.named_parameters),
-        ("_buffers", module.named_buffers),
-    ):
-        first: dict[int, str] = {}
-        for name, tensor in named(remove_duplicate=False):
-            key = first.setdefault(id(tensor), name)
-            owner_name, _, attr = name.rpartition(".")
-            slots.setdefault(key, []).append((module.get_submodule(owner_name), kind, attr))
+    holds that tensor. Tied tensors have several places under one name."""
+    slots: dict[str, list[_Slot]] = {}
+    for slot in _walk(module):
+        slots.setdefault(slot.first, []).append(slot)
     return slots
 
 
@@ -56,7 +51,7 @@ def _check(
             f"unexpected keys {unexpected}, missing keys {missing}; "
             f"expected names like {names[:8]}{' ...' if len(names) > 8 else ''}"
         )
-    reference = dict(module.named_parameters())
+    reference: dict[str, Tensor] = dict(module.named_parameters())
     reference.update(module.named_buffers())
     not_tensors = [k for k, v in params.items() if not isinstance(v, Tensor)]
     if not_tensors:
@@ -105,13 +100,13 @@ def bind(module: nn.Module, params: Mapping[str, Tensor]) -> Iterator[nn.Module]
     _check(
         module, params, argument="params", names=list(slots), require_all=False, check_dtype=False
     )
-    saved: list[tuple[dict[str, Tensor], str, Tensor]] = []
+    saved: list[tuple[dict[str, Any], str, Tensor]] = []
     try:
         for name, value in params.items():
-            for owner, kind, attr in slots[name]:
-                table = getattr(owner, kind)
-                saved.append((table, attr, table[attr]))
-                table[attr] = value
+            for slot in slots[name]:
+                table = slot.table
+                saved.append((table, slot.attr, table[slot.attr]))
+                table[slot.attr] = value
         yield module
     finally:
         for table, attr, original in reversed(saved):

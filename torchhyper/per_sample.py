@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
-from torchhyper._fast_layers import _FAST, _Context
+from torchhyper._fast_layers import _FAST, _Context, _Handler
+from torchhyper._names import _walk
 
 __all__ = ["per_sample_call", "vmap_compatible"]
 
@@ -105,25 +106,21 @@ class _Index:
     """Where a module's parameters and buffers live, by name: cached, and checked at each call."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.slots: list[tuple[dict, str, Tensor]] = []
+        self.slots: list[tuple[dict[str, Any], str, Tensor]] = []
         self.tensors: dict[str, Tensor] = {}
         self.names: dict[int, str] = {}  # id(tensor) -> its (first) name
-        for kind, named in (
-            ("_parameters", module.named_parameters),
-            ("_buffers", module.named_buffers),
-        ):
-            for name, t in named():
-                owner, _, attr = name.rpartition(".")
-                self.slots.append((getattr(module.get_submodule(owner), kind), attr, t))
-                self.tensors[name] = t
-                self.names[id(t)] = name
-        self._plan: list[tuple[nn.Module, Any]] | None = None
+        for slot in _walk(module):
+            if slot.name == slot.first:  # as named_parameters() and named_buffers() list them
+                self.slots.append((slot.table, slot.attr, slot.tensor))
+                self.tensors[slot.name] = slot.tensor
+                self.names[id(slot.tensor)] = slot.name
+        self._plan: list[tuple[nn.Module, _Handler | None]] | None = None
         self._containers: list[tuple[nn.Module, list[nn.Module]]] = []
 
     def valid(self) -> bool:
         return all(table.get(attr) is t for table, attr, t in self.slots)
 
-    def plan(self, module: nn.Module) -> list[tuple[nn.Module, Any]] | None:
+    def plan(self, module: nn.Module) -> list[tuple[nn.Module, _Handler | None]] | None:
         """The leaves of ``module``, a tree of ``nn.Sequential``, with their fast handlers; None
         when the tree has hooks on a container or is not such a tree."""
         if self._plan is None or any(
@@ -135,7 +132,7 @@ class _Index:
             return None
         return self._plan if self._containers else None
 
-    def _flatten(self, module: nn.Module) -> list[tuple[nn.Module, Any]]:
+    def _flatten(self, module: nn.Module) -> list[tuple[nn.Module, _Handler | None]]:
         if type(module) is not nn.Sequential:
             return [(module, _FAST.get(type(module)))]
         self._containers.append((module, list(module._modules.values())))
@@ -153,7 +150,10 @@ def _index(module: nn.Module, *, fresh: bool = False) -> _Index:
 
 
 def _check(
-    downstream: nn.Module, params: Mapping[str, Tensor], args: tuple, kwargs: dict
+    downstream: nn.Module,
+    params: Mapping[str, Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> tuple[int, _Index]:
     if not isinstance(downstream, nn.Module):
         raise TypeError(f"downstream must be a torch.nn.Module, got {type(downstream).__name__}")
@@ -186,7 +186,10 @@ def _check(
 
 
 def _explain(
-    downstream: nn.Module, params: Mapping[str, Tensor], args: tuple, kwargs: dict
+    downstream: nn.Module,
+    params: Mapping[str, Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> tuple[int, _Index]:
     """The full check, with messages that list every offender; the slow path of :func:`_check`."""
     if not all(isinstance(v, Tensor) for v in params.values()):
@@ -225,8 +228,8 @@ def _explain(
     ]
     if bad:
         raise ValueError(
-            f"every tensor input must have the leading dimension B == {batch} of params, got shapes "
-            f"{bad}; expand a shared input with t.expand({batch}, *t.shape)"
+            f"every tensor input must have the leading dimension B == {batch} of params, "
+            f"got shapes {bad}; expand a shared input with t.expand({batch}, *t.shape)"
         )
     return batch, index
 
@@ -262,7 +265,9 @@ def _global_hooks() -> bool:
     return bool(m._global_forward_hooks or pre or m._global_backward_hooks)
 
 
-def _vmapped(module: nn.Module, args: tuple, kwargs: dict, ctx: _Context) -> Any:
+def _vmapped(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], ctx: _Context
+) -> Any:
     own = list(module.named_parameters()) + list(module.named_buffers())
     sub = {n: ctx.params[ctx.names[id(t)]] for n, t in own if ctx.names.get(id(t)) in ctx.params}
     # Train-mode BatchNorm updates its running statistics in place, which vmap only allows on
@@ -281,7 +286,9 @@ def _vmapped(module: nn.Module, args: tuple, kwargs: dict, ctx: _Context) -> Any
                     owners[key] = getattr(m, attr)
                     stats[key] = owners[key].detach().expand(ctx.batch, *owners[key].shape).clone()
 
-    def call(p: dict[str, Tensor], s: dict[str, Tensor], a: tuple, k: dict) -> Any:
+    def call(
+        p: dict[str, Tensor], s: dict[str, Tensor], a: tuple[Any, ...], k: dict[str, Any]
+    ) -> Any:
         return functional_call(module, {**p, **s}, a, k)
 
     dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, (args, kwargs))
@@ -319,7 +326,10 @@ def vmap_compatible() -> Iterator[None]:
         >>> with vmap_compatible():
         ...     y = torch.func.vmap(lambda p, x: functional_call(unet, p, x))(params, x)
     """
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(_contiguous_input)
+    # torch types a global pre-hook as returning None; its docs let it return a new input tuple.
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        _contiguous_input  # type: ignore[arg-type]
+    )
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         torch.backends.mha.set_fastpath_enabled(False)
@@ -329,7 +339,7 @@ def vmap_compatible() -> Iterator[None]:
         handle.remove()
 
 
-def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
+def _contiguous_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     if isinstance(module, nn.GroupNorm) and args and isinstance(args[0], Tensor):
         return (args[0].contiguous(), *args[1:])
     return None

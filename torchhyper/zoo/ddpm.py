@@ -64,7 +64,7 @@ class DDPM(nn.Module):
             )
         self.sample_size = sample_size
         self.channels = channels
-        self.unet = UNet2DModel(
+        self.unet: nn.Module = UNet2DModel(
             sample_size=sample_size,
             in_channels=channels,
             out_channels=channels,
@@ -83,13 +83,15 @@ class DDPM(nn.Module):
         noise = torch.randn_like(x)
         alpha_bar = self.scheduler.alphas_cumprod.to(x.device, x.dtype)[t].view(-1, 1, 1, 1)
         noisy = alpha_bar.sqrt() * x + (1 - alpha_bar).sqrt() * noise
-        return (self.unet(noisy, t).sample - noise).square().flatten(1).mean(1)
+        eps: Tensor = self.unet(noisy, t).sample
+        return (eps - noise).square().flatten(1).mean(1)
 
     @torch.no_grad()
     def sample(
         self, n: int, *, steps: int | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        r"""Draws ``n`` images ``(n, C, H, W)`` in [-1, 1] with ``steps`` reverse steps (default ``T``)."""
+        r"""Draws ``n`` images ``(n, C, H, W)`` in [-1, 1] with ``steps`` reverse steps (default
+        ``T``)."""
         from diffusers import DDPMScheduler
 
         scheduler = DDPMScheduler.from_config(self.scheduler.config)  # set_timesteps mutates it

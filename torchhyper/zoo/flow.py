@@ -61,7 +61,8 @@ class AffineFlow(nn.Module):
 
     def log_prob(self, x: Tensor) -> Tensor:
         r"""Same as ``forward``: the log-density ``(B, D) -> (B,)``."""
-        return self(x)
+        log_density: Tensor = self(x)
+        return log_density
 
     @property
     def mean(self) -> Tensor:

@@ -72,7 +72,8 @@ class GaussianMixture(nn.Module):
 
     def log_prob(self, x: Tensor) -> Tensor:
         r"""Same as ``forward``: the log-density ``(B, D) -> (B,)``."""
-        return self(x)
+        log_density: Tensor = self(x)
+        return log_density
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:

@@ -63,11 +63,14 @@ class VAE(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         r"""The posterior's mean and log-variance, ``(B, D) -> (B, L), (B, L)``."""
-        return self.encoder(x).chunk(2, dim=-1)
+        h: Tensor = self.encoder(x)
+        mean, log_var = h.chunk(2, dim=-1)
+        return mean, log_var
 
     def decode(self, z: Tensor) -> Tensor:
         r"""Bernoulli logits of each pixel, ``(B, L) -> (B, D)``."""
-        return self.decoder(z)
+        logits: Tensor = self.decoder(z)
+        return logits
 
     def forward(self, x: Tensor) -> Tensor:
         r"""The ELBO of each image in nats, ``(B, D) -> (B,)``, with one sample of ``z``."""
@@ -88,7 +91,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         r"""Decodes ``n`` draws from the prior into pixel probabilities ``(n, D)``."""
-        weight = self.decoder[0].weight
+        weight = next(self.decoder.parameters())  # the first layer's weight
         z = torch.randn(
             n, self.latent_dim, generator=generator, device=weight.device, dtype=weight.dtype
         )
