@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from torchhyper.heads import HEAD_NAMES, HEADS
+from torchhyper.heads import HEADS, head_names
 
 __all__ = [
     "Config",
@@ -200,7 +200,7 @@ class Config:
     batch_size: int = 256  # examples per set: what the hypernetwork sees
     sets_per_step: int = 1  # sets (datasets) per optimizer step
     hidden_sizes: list[int] = field(default_factory=lambda: [32, 64, 96])
-    head: str = "auto"  # a name of torchhyper.heads.HEAD_NAMES
+    head: str = "auto"  # "auto" or a name of torchhyper.heads.HEADS
     head_options: dict[str, int] = field(default_factory=dict)  # e.g. {"rank": 64} for a named head
     base: Literal["learned", "frozen", "none"] = "learned"  # HyperNetwork's base=
     pool: Literal["mean", "sum", "max", "attention"] = "mean"  # HyperNetwork's pool=
@@ -243,8 +243,8 @@ class Config:
         }
         if negative:
             raise ValueError(f"config: {negative} must be >= 0")
-        if self.head not in HEAD_NAMES:
-            raise ValueError(f"config.head must be one of {list(HEAD_NAMES)}, got {self.head!r}")
+        if self.head not in head_names():
+            raise ValueError(f"config.head must be one of {head_names()}, got {self.head!r}")
         if self.head_options and self.head == "auto":
             raise ValueError(f"config.head_options needs a named head {list(HEADS)}, not 'auto'")
         if self.pool_layers and self.pool != "mean":

@@ -13,18 +13,20 @@ from torch import nn
 
 from torchhyper import HyperNetwork
 from torchhyper.heads import (
-    HEAD_NAMES,
     HEADS,
     ChunkedHead,
     DenseHead,
     FiLMHead,
+    Head,
     LoRAHead,
     LowRankHead,
     NoUpdate,
-    _make_head,
     auto_head,
+    head_names,
+    register_head,
     summary,
 )
+from torchhyper.heads.build import _make_head
 
 H = 12
 SHAPES = [(6, 5), (6,), (), (3, 2, 2), (7, 1)]
@@ -89,11 +91,61 @@ def test_auto_seed_constructor(input_dim):
 
 
 def test_registry_is_the_one_list_of_names():
-    assert HEAD_NAMES == ("auto", *HEADS)
+    assert head_names() == ["auto", *HEADS]
     assert {"film", "dense", "lora", "chunked", "lowrank", "none"} <= set(HEADS)
-    from experiments.config import Config
+    assert all(isinstance(cls, type) and issubclass(cls, Head) for cls in HEADS.values())
 
-    assert Config.__dataclass_fields__["head"].type == "str"  # validated against HEAD_NAMES
+
+@pytest.fixture
+def registered():
+    """Registers a toy head for the test, and removes it afterwards."""
+    names = list(HEADS)
+
+    @register_head("toy_shift")
+    class ToyShift(Head):
+        """One conditioned shift for every generated value."""
+
+        def __init__(self, in_features, shapes):
+            super().__init__(in_features, shapes)
+            self.linear = nn.Linear(in_features, 1)
+
+        def forward(self, z):
+            return self.linear(z).expand(*z.shape[:-1], self.numel)
+
+        def zero_update_(self):
+            with torch.no_grad():
+                self.linear.weight.zero_()
+                self.linear.bias.zero_()
+            return True
+
+    try:
+        yield ToyShift
+    finally:
+        del HEADS["toy_shift"]
+        assert list(HEADS) == names
+
+
+def test_a_registered_head_is_a_choice_everywhere(registered):
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    hyper = HyperNetwork(3, [8], mlp, head="toy_shift")
+    assert type(hyper.head) is registered and "toy_shift" in head_names()
+    x = torch.randn(5, 3)
+    params = hyper(x)
+    for name, p in mlp.named_parameters():  # the update starts at zero
+        torch.testing.assert_close(params[name], p)
+    with pytest.raises(ValueError, match="head must be one of .*'toy_shift'.*, got 'toy'"):
+        HyperNetwork(3, [8], mlp, head="toy")
+
+
+def test_register_head_errors(registered):
+    with pytest.raises(ValueError, match="head name 'toy_shift' is taken by .*ToyShift"):
+        register_head("toy_shift")(type("Other", (Head,), {}))
+    with pytest.raises(ValueError, match="identifier other than 'auto', got 'auto'"):
+        register_head("auto")
+    with pytest.raises(ValueError, match="identifier other than 'auto', got 'a b'"):
+        register_head("a b")
+    with pytest.raises(TypeError, match="decorates Head subclasses, got <class 'torch.nn"):
+        register_head("linear")(nn.Linear)
 
 
 def test_head_override():
@@ -199,7 +251,7 @@ def test_validation_messages(factory, error, message):
 
 
 def test_make_head_and_summary_errors():
-    names = str(list(HEAD_NAMES)).replace("[", r"\[").replace("]", r"\]")
+    names = str(head_names()).replace("[", r"\[").replace("]", r"\]")
     with pytest.raises(ValueError, match=f"head must be one of {names} or a callable, got 'lora2'"):
         _make_head("lora2", H, SHAPES, base=True)
     with pytest.raises(TypeError, match="head factory must return an nn.Module, got int"):

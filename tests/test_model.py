@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 from torchhyper import HyperNetwork
-from torchhyper.heads import HEAD_NAMES, HEADS
+from torchhyper.heads import HEADS, head_names
 
 CONTEXT_DIM = 5
 # Heads that generate tensors from scratch (base="none") as well as updates to a base.
@@ -315,7 +315,7 @@ def test_input_shapes_flatten():
         (
             {"head": "huge"},
             ValueError,
-            "head must be one of " + str(list(HEAD_NAMES)).replace("[", r"\["),
+            "head must be one of " + str(head_names()).replace("[", r"\["),
         ),
         ({"init": "zeros"}, ValueError, "init must be 'default' or 'downstream', got 'zeros'"),
         (

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from torchhyper._spec import _describe, _lazy_names, _select
-from torchhyper.heads import HeadFactory, _make_head
+from torchhyper.heads.build import _make_head
+from torchhyper.heads.head import HeadFactory
 
 __all__: list[str] = []
 

@@ -1,0 +1,108 @@
+r"""Heads with a dense output layer: :class:`DenseHead` (one linear map to every value) and
+:class:`ChunkedHead` (a shared generator, one chunk of values at a time)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchhyper._checks import positive_int
+from torchhyper.heads.head import Head, _zero, register_head
+
+__all__ = ["DenseHead", "ChunkedHead"]
+
+
+@register_head("dense")
+class DenseHead(Head):
+    r"""One fused linear map from the embedding to every value, like the original torchhyper's
+    per-tensor heads, but as a single matrix product.
+
+    It costs ``(H + 1) N`` parameters: about 97 times the downstream for ``H = 96``. Use it for
+    small downstreams, where it is the fastest to train.
+    """
+
+    def __init__(self, in_features: int, shapes: Sequence[Sequence[int]]) -> None:
+        super().__init__(in_features, shapes)
+        self.weight = nn.Parameter(torch.randn(self.numel, in_features) / math.sqrt(in_features))
+        self.bias = nn.Parameter(torch.zeros(self.numel))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return F.linear(z, self.weight, self.bias)
+
+    def assemble(
+        self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
+    ) -> list[Tensor]:
+        if z[..., 0].numel() <= self.in_features:
+            return super().assemble(z, bases, scale, gain)
+        # Many sets at once (per sample): folding the per-value scale and base into the
+        # weights costs N * H operations instead of B * N, forward and backward.
+        scale = torch.cat([c.expand(n) for c, n in zip((scale * gain).unbind(), self.numels)])
+        base = torch.cat([b.expand(n) for b, n in zip(bases, self.numels)])
+        weight = self.weight * scale.unsqueeze(-1)
+        return list(
+            F.linear(z, weight, torch.addcmul(base, scale, self.bias)).split(self.numels, dim=-1)
+        )
+
+    def zero_update_(self) -> bool:
+        return _zero(self.weight, self.bias)
+
+
+@register_head("chunked")
+class ChunkedHead(Head):
+    r"""A shared generator that emits the values ``chunk_size`` at a time, each chunk conditioned
+    on a learned chunk embedding (von Oswald et al. 2020).
+
+    Chunk ``c`` gets ``a_c = norm(relu(U z + V e_c + b))`` of width ``rank``, then
+    ``h_c = W a_c + w`` with ``W`` of shape ``(chunk_size, rank)``. Parameters grow with
+    ``N / chunk_size * embedding_dim`` only, and the forward costs ``rank * N`` multiply-adds:
+    with ``rank = 16`` this is small next to one forward of the downstream on a batch of 16 or more.
+
+    Args:
+        in_features: The embedding width ``H``.
+        shapes: The shapes of the generated tensors.
+        chunk_size: Values per chunk ``C``.
+        embedding_dim: Width ``d`` of the learned chunk embeddings.
+        rank: Width ``r`` of the generator's hidden layer.
+
+    References:
+        | Continual learning with hypernetworks (von Oswald et al., 2020)
+        | https://arxiv.org/abs/1906.00695
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        shapes: Sequence[Sequence[int]],
+        *,
+        chunk_size: int = 1024,
+        embedding_dim: int = 8,
+        rank: int = 16,
+    ) -> None:
+        super().__init__(in_features, shapes)
+        positive_int("chunk_size", chunk_size)
+        positive_int("embedding_dim", embedding_dim)
+        positive_int("rank", rank)
+        self.chunk_size = min(chunk_size, max(1, self.numel))
+        self.chunks = -(-self.numel // self.chunk_size)
+        self.embeddings = nn.Parameter(torch.randn(self.chunks, embedding_dim))
+        self.mix = nn.Linear(in_features + embedding_dim, rank)
+        self.weight = nn.Parameter(torch.randn(self.chunk_size, rank) / math.sqrt(rank))
+        self.bias = nn.Parameter(torch.zeros(self.chunk_size))
+
+    def forward(self, z: Tensor) -> Tensor:
+        in_z, in_e = self.mix.weight.split([self.in_features, self.embeddings.shape[1]], dim=1)
+        # The embedding's part is shared by every chunk: compute it once, not per chunk.
+        a = F.linear(z, in_z, self.mix.bias).unsqueeze(-2) + self.embeddings @ in_e.T
+        a = F.rms_norm(F.relu(a), a.shape[-1:])  # (*, chunks, rank), unit scale
+        h = F.linear(a, self.weight, self.bias)  # (*, chunks, chunk_size)
+        return h.flatten(-2)[..., : self.numel]
+
+    def zero_update_(self) -> bool:
+        return _zero(self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}, chunks={self.chunks}"

@@ -1,0 +1,161 @@
+r"""The head contract (:class:`Head`) and the registry of named heads (:data:`HEADS`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Head", "HeadFactory", "HEADS", "register_head", "head_names"]
+
+
+class Head(nn.Module):
+    r"""Base class of heads: embeddings ``(*, in_features)`` to raw values ``(*, N)``, with
+    ``N = sum(prod(shape))`` over the generated tensors.
+
+    A subclass implements :meth:`forward` (or :meth:`assemble`, for a head that modulates a
+    base rather than adding to it) and :meth:`zero_update_`; registered with
+    :func:`register_head`, it can be chosen by name with ``HyperNetwork(..., head=NAME)``.
+
+    Args:
+        in_features: The embedding width ``H``.
+        shapes: The shapes of the generated tensors, in output order.
+    """
+
+    #: Whether the head only modulates a base (it cannot generate tensors from scratch).
+    needs_base: bool = False
+
+    def __init__(self, in_features: int, shapes: Sequence[Sequence[int]]) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.numels = [s.numel() for s in self.shapes]
+        self.numel = sum(self.numels)
+
+    def forward(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def assemble(
+        self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
+    ) -> list[Tensor]:
+        r"""The generated values ``base_i + scale_i * gain_i * h_i``, tensor by tensor.
+
+        Args:
+            z: Embeddings, ``(*, H)``.
+            bases: Per tensor, a scalar (``base="none"``) or the flat ``(numel_i,)`` base.
+            scale: Per-tensor scales, ``(T,)``: the std of a tensor's default init
+                (``base="none"``) or the root mean square of its base.
+            gain: Per-tensor learned gains, ``(T,)``.
+
+        Returns:
+            Flat values ``(*, numel_i)`` per tensor.
+        """
+        return _assemble(self(z), scale * gain, bases, self.numels)
+
+    def zero_update_(self) -> bool:
+        r"""Makes the head's raw values exactly zero for every embedding, in place, keeping it
+        trainable: the start of an update to a base. Returns whether the head can (the base
+        class cannot; the hypernetwork then starts that head's per-tensor gains at zero)."""
+        return False
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, tensors={len(self.shapes)}, numel={self.numel}"
+
+
+HeadFactory = Callable[[int, Sequence[Sequence[int]]], nn.Module]
+r"""What ``head=`` takes besides a name: ``(in_features, shapes) -> module``."""
+
+HEADS: dict[str, type[Head]] = {}
+r"""The named heads: ``head=NAME`` builds ``HEADS[NAME](in_features, shapes)``.
+
+Filled by :func:`register_head`. Validation, error messages, the experiments' configs, the tests
+and the documentation all read it.
+"""
+
+H = TypeVar("H", bound=type[Head])
+
+
+def register_head(name: str) -> Callable[[H], H]:
+    r"""Registers a :class:`Head` subclass under ``name``, so that ``head=name`` builds it.
+
+    Example:
+        >>> @register_head("shift")
+        ... class Shift(Head):
+        ...     '''One conditioned shift, shared by every generated value.'''
+        ...     def __init__(self, in_features, shapes):
+        ...         super().__init__(in_features, shapes)
+        ...         self.linear = nn.Linear(in_features, 1)
+        ...     def forward(self, z):
+        ...         return self.linear(z).expand(*z.shape[:-1], self.numel)
+        ...     def zero_update_(self):
+        ...         return _zero(self.linear.weight, self.linear.bias)
+        >>> HEADS["shift"] is Shift
+        True
+        >>> del HEADS["shift"]  # (leave the registry as it was)
+
+    Raises:
+        ValueError: ``name`` is ``"auto"`` or taken by another class.
+        TypeError: The decorated object is not a :class:`Head` subclass.
+    """
+    if not isinstance(name, str) or not name.isidentifier() or name == "auto":
+        raise ValueError(f"a head name must be an identifier other than 'auto', got {name!r}")
+
+    def register(cls: H) -> H:
+        if not (isinstance(cls, type) and issubclass(cls, Head)):
+            raise TypeError(f"register_head({name!r}) decorates Head subclasses, got {cls!r}")
+        taken = HEADS.get(name)
+        if taken is not None and _qualified(taken) != _qualified(cls):  # a reload is fine
+            raise ValueError(f"head name {name!r} is taken by {_qualified(taken)}")
+        HEADS[name] = cls
+        return cls
+
+    return register
+
+
+def head_names() -> list[str]:
+    r"""Every name ``head=`` takes: ``"auto"`` and the keys of :data:`HEADS`, in that order."""
+    return ["auto", *HEADS]
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _ModuleHead(Head):
+    """Any module ``(*, H) -> (*, N)`` that a head factory returned, as a :class:`Head`."""
+
+    def __init__(
+        self, module: nn.Module, in_features: int, shapes: Sequence[Sequence[int]]
+    ) -> None:
+        super().__init__(in_features, shapes)
+        self.module = module
+
+    def forward(self, z: Tensor) -> Tensor:
+        out: Tensor = self.module(z)
+        return out
+
+
+def _assemble(
+    raw: Tensor, coef: Tensor, bases: Sequence[Tensor], numels: list[int]
+) -> list[Tensor]:
+    # Tensor by tensor, with scalar coefficients: no N-sized copies of them, whose backward
+    # (an index_add over N values) cost as much as a small downstream's step.
+    parts = raw.split(numels, dim=-1)
+    return [torch.addcmul(b, h, c) for h, c, b in zip(parts, coef.unbind(), bases)]
+
+
+def _zero(*params: Tensor) -> bool:
+    """Zeroes ``params`` in place (the output layer of an update that starts at zero)."""
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    return True
+
+
+def _as_matrix(shape: torch.Size) -> tuple[int, int]:
+    """A tensor as a matrix: its rows (first dimension) by the product of the rest."""
+    if len(shape) == 0:
+        return 1, 1
+    return shape[0], shape[1:].numel()
