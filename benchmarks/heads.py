@@ -1,9 +1,10 @@
 """Heads against training the downstream directly: step time, size, peak memory and quality.
 
 Every hypernetwork is the seed constructor ``HyperNetwork(input_dim, [32, 64, 96], downstream,
-head=..., base=...)`` trained with Adam(lr=1e-3) on a set-conditioned task: the hypernetwork reads a batch
-of 128 (x, y) pairs of one task (mean pooling) and the downstream's loss is taken on the same
-batch; "direct" trains the downstream's own weights with the same optimizer on the same batches.
+head=..., base=...)`` trained with Adam(lr=1e-3) on a set-conditioned task: the hypernetwork
+reads a batch of 128 (x, y) pairs of one task (mean pooling) and the downstream's loss is taken
+on the same batch; "direct" trains the downstream's own weights with the same optimizer on the
+same batches.
 
 Task (the data set decides the best weights): x ~ N(0, I), y = s * (W x) + b with W a fixed random
 map shared by all tasks and, per task, s ~ U(0.5, 1.5)^out and b ~ N(0, I). Direct training cannot
@@ -93,7 +94,8 @@ def mlp(sizes: list[int]) -> nn.Sequential:
 def unet() -> nn.Module:
     """The size of the original torchhyper's MNIST DDPM (configs/hypernet_mnist_ddpm.json:
     block channels 64,128,192, 2 layers per block, attention head dim 8); its block types are
-    not in that config, so we take diffusers' usual (Down, AttnDown, AttnDown): 10.7 M parameters."""
+    not in that config, so we take diffusers' usual (Down, AttnDown, AttnDown): 10.7 M
+    parameters."""
     from diffusers import UNet2DModel
 
     return UNet2DModel(
@@ -341,7 +343,8 @@ def main() -> None:
         qual = quality(ds_name, heads, train_steps, 32) if "quality" in parts and not big else {}
         print(
             "| variant | head | step (ms) | step / direct | params / downstream | head params "
-            "| peak mem (MB) | mem / direct | held-out loss | loss / dense (base none) | loss / direct |"
+            "| peak mem (MB) | mem / direct | held-out loss | loss / dense (base none) "
+            "| loss / direct |"
         )
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for name, row in rows.items():

@@ -313,7 +313,8 @@ def main() -> None:
         for k, v in sorted(results.items(), key=lambda kv: order[kv[0]])
     }
     print(
-        f"## Held-out loss against direct training (CPU, 1 thread per run, torch {torch.__version__})\n"
+        "## Held-out loss against direct training "
+        f"(CPU, 1 thread per run, torch {torch.__version__})\n"
     )
     print(table(ordered, seeds))
     if args.json:

@@ -4,7 +4,8 @@ It follows the recipe of :mod:`torchhyper.distributed` and runs unchanged with o
 under torchrun:
 
     python tests/_distributed_worker.py --out=runs/dist1 --pool=global
-    torchrun --standalone --nproc_per_node=2 tests/_distributed_worker.py --out=runs/dist2 --pool=global
+    torchrun --standalone --nproc_per_node=2 tests/_distributed_worker.py \
+        --out=runs/dist2 --pool=global
 
 Each step draws one global set of ``--batch`` points ``(u, y)`` of a random sine wave (the same
 on every rank, from a seed and the step), gives each rank an equal share, and trains the
@@ -179,7 +180,8 @@ def train(args: argparse.Namespace, process: Process, progress: dict) -> None:
 
 
 class PerSet(nn.Module):
-    """DDP and FSDP2 act in ``forward``: to train ``per_set``, wrap a module whose forward calls it."""
+    """DDP and FSDP2 act in ``forward``: to train ``per_set``, wrap a module whose forward calls
+    it."""
 
     def __init__(self, hypernetwork: HyperNetwork) -> None:
         super().__init__()
@@ -221,7 +223,8 @@ def stop_message(process: Process, progress: dict, reason: str) -> str:
     saved = progress.get("checkpoint")
     where = f"{saved[0]} (after step {saved[1]})" if saved else "none yet"
     return (
-        f"rank {process.rank}/{process.world_size}: training stopped at step {progress.get('step')}: "
+        f"rank {process.rank}/{process.world_size}: "
+        f"training stopped at step {progress.get('step')}: "
         f"{reason}. Last checkpoint: {where}. Run the same command again to resume from it, "
         "or launch with torchrun --max-restarts=N to restart automatically."
     )

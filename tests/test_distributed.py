@@ -30,6 +30,7 @@ from torchhyper.distributed import (
     setup,
     wrap,
 )
+from torchhyper.pooling import MaxPool, Pool
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 # Enough for the worker to learn; the checkpoint every 3 steps lands before the kill at step 5.
@@ -128,14 +129,13 @@ def test_global_pool_in_hypernetwork_is_registered_and_matches_local_mean():
 
 
 def test_global_pool_rejects_wrong_shapes():
-    with pytest.raises(
-        ValueError, match=r"GlobalMean expects encodings of shape \(\*, B, H\), got \(5,\)"
-    ):
+    with pytest.raises(ValueError, match=r"GlobalMean expects encodings \(\*, B, H\), got \(5,\)"):
         GlobalMean()(torch.randn(5))
-    with pytest.raises(
-        ValueError, match=r"GlobalMax expects encodings of shape \(\*, B, H\), got list"
-    ):
+    with pytest.raises(ValueError, match=r"GlobalMax expects encodings \(\*, B, H\), got list"):
         GlobalMax()([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"with H == 4, got \(3, 5\)"):
+        GlobalSum(4)(torch.randn(3, 5))
+    assert isinstance(GlobalMean(), Pool) and isinstance(GlobalMax(), MaxPool)
 
 
 def test_setup_without_torchrun_is_one_process(monkeypatch):

@@ -9,11 +9,18 @@ from torch import nn
 from torch.func import functional_call
 
 from torchhyper import AttentionPool, HyperNetwork
+from torchhyper.pooling import POOLS, MaxPool, MeanPool, Pool, SumPool, register_pool
 
-POOLS = ["mean", "sum", "max", "attention"]
+
+def test_registry_holds_the_built_in_pools():
+    assert list(POOLS) == ["mean", "sum", "max", "attention"]
+    assert POOLS["mean"] is MeanPool and POOLS["attention"] is AttentionPool
+    for name, cls in POOLS.items():
+        hyper = HyperNetwork(3, [8], nn.Linear(2, 2), pool=name)
+        assert type(hyper.pool) is cls and hyper.pool.in_features == 8
 
 
-@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("pool", list(POOLS))
 def test_permutation_invariant_any_set_size(pool):
     hyper = perturb_update_(HyperNetwork(3, [16, 8], nn.Linear(2, 2), pool=pool)).eval()
     x = torch.randn(9, 3)
@@ -46,23 +53,95 @@ def test_attention_pool_batched_sets():
 
 def test_attention_pool_errors():
     with pytest.raises(
-        ValueError, match="heads must be a positive int that divides features=6, got 4"
+        ValueError, match="heads must be a positive int that divides in_features=6, got 4"
     ):
         AttentionPool(6, heads=4)
-    with pytest.raises(ValueError, match="features must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="in_features must be a positive int, got 0"):
         AttentionPool(0)
-    with pytest.raises(ValueError, match=r"encodings \(\*, B, H\) with H == 8, got shape \(5, 4\)"):
+    with pytest.raises(ValueError, match=r"encodings \(\*, B, H\) with H == 8, got \(5, 4\)"):
         AttentionPool(8)(torch.randn(5, 4))
     assert AttentionPool(6).heads == 2
 
 
-def test_unknown_pool_names_attention():
-    with pytest.raises(ValueError, match=r"got 'median' \(attention pooling: pool='attention'"):
-        HyperNetwork(3, [8], nn.Linear(2, 2), pool="median")
+def test_pool_argument_errors():
     with pytest.raises(
-        TypeError, match=r"pool must be a name or a callable \(B, H\) -> \(H,\), got 3"
+        ValueError, match=r"pool must be one of \['mean', 'sum', 'max', 'attention'\], a Pool or"
     ):
+        HyperNetwork(3, [8], nn.Linear(2, 2), pool="median")
+    with pytest.raises(TypeError, match=r"a Pool or a callable \(B, H\) -> \(H,\), got int"):
         HyperNetwork(3, [8], nn.Linear(2, 2), pool=3)
+    # A pool's output shape is checked once, on a dummy set, when the hypernetwork is built.
+    with pytest.raises(
+        ValueError, match=r"pool must map a set \(B, H\) to \(H,\) = \(8,\), got \(2, 8\)"
+    ):
+        HyperNetwork(3, [8], nn.Linear(2, 2), pool=lambda e: e)
+    with pytest.raises(ValueError, match=r"pool failed on a dummy set of shape \(2, 8\).*H == 4"):
+        HyperNetwork(3, [8], nn.Linear(2, 2), pool=AttentionPool(4))
+    with pytest.raises(ValueError, match=r"MeanPool expects encodings \(\*, B, H\), got \(5,\)"):
+        MeanPool()(torch.randn(5))
+
+
+def test_a_callable_for_one_set_is_mapped_over_sets():
+    """A user's (B, H) -> (H,) pool serves forward, per_set and per_sample alike."""
+    median = lambda e: e.median(dim=0).values  # noqa: E731
+    hyper = perturb_update_(HyperNetwork(3, [8], nn.Linear(2, 2), pool=median)).eval()
+    sets = torch.randn(4, 5, 3)
+    batched = hyper.per_set(sets)["weight"]
+    torch.testing.assert_close(batched, torch.stack([hyper(s)["weight"] for s in sets]))
+    x = torch.randn(6, 3)
+    each = hyper.per_sample(x)["weight"]
+    torch.testing.assert_close(each, torch.stack([hyper(x[i : i + 1])["weight"] for i in range(6)]))
+    # A module is registered, and so trained; the check left it in training mode.
+    module = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5))
+    pooled = HyperNetwork(3, [8], nn.Linear(2, 2), pool=lambda e: module(e).mean(0))
+    assert module.training and pooled.pool.training
+    trained = HyperNetwork(3, [8], nn.Linear(2, 2), pool=_SumOfLinear(8))
+    assert any(n.startswith("pool.") for n, _ in trained.named_parameters())
+
+
+class _SumOfLinear(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, e):
+        return self.linear(e).sum(dim=0)
+
+
+@pytest.fixture
+def registered():
+    @register_pool("second_moment")
+    class SecondMoment(Pool):
+        def __init__(self, in_features):
+            super().__init__()
+
+        def forward(self, e):
+            return e.square().mean(dim=-2)
+
+    yield SecondMoment
+    del POOLS["second_moment"]
+
+
+def test_a_registered_pool_is_a_choice_by_name(registered):
+    hyper = HyperNetwork(3, [8], nn.Linear(2, 2), pool="second_moment")
+    assert type(hyper.pool) is registered
+    e = torch.randn(4, 5, 8)
+    torch.testing.assert_close(hyper.pool(e), e.square().mean(1))
+    with pytest.raises(ValueError, match="pool name 'second_moment' is taken by"):
+        register_pool("second_moment")(type("Other", (Pool,), {}))
+    with pytest.raises(TypeError, match=r"register_pool\('x'\) decorates Pool subclasses"):
+        register_pool("x")(nn.Linear)
+    with pytest.raises(ValueError, match="a pool name must be an identifier, got 'a b'"):
+        register_pool("a b")
+
+
+@pytest.mark.parametrize(
+    ("cls", "reduce"), [(MeanPool, torch.mean), (SumPool, torch.sum), (MaxPool, torch.amax)]
+)
+def test_reductions_take_any_leading_batch(cls, reduce):
+    e = torch.randn(2, 3, 5, 4)
+    torch.testing.assert_close(cls(4)(e), reduce(e, dim=-2))
+    torch.testing.assert_close(cls(4).local(e), reduce(e, dim=-2))
 
 
 def test_context_differs_from_downstream_input():
@@ -84,11 +163,14 @@ def test_context_differs_from_downstream_input():
 def test_per_sample_uses_a_pools_local_form():
     """A set of one lives on one process: per_sample must not reduce across processes."""
 
-    class CrossProcess(torch.nn.Module):
-        local = staticmethod(lambda e: e.mean(dim=-2))
+    class CrossProcess(Pool):
+        def local(self, e):
+            return e.mean(dim=-2)
 
         def forward(self, e):
-            raise RuntimeError("reduced across processes")
+            if self.training:
+                raise RuntimeError("reduced across processes")
+            return self.local(e)
 
     hyper = HyperNetwork(3, [8], torch.nn.Linear(2, 2), pool=CrossProcess())
     x = torch.randn(5, 3)

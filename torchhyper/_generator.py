@@ -9,19 +9,21 @@ maps to parameters of shape ``(*, *shape)``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, Union
 
 import torch
 from torch import Tensor, nn
 
+from torchhyper._checks import module
 from torchhyper._spec import _describe, _lazy_names, _select
 from torchhyper.heads.build import _make_head
 from torchhyper.heads.head import HeadFactory
 
 __all__: list[str] = []
 
-#: The choices of ``base=``: see :class:`~torchhyper.HyperNetwork`.
 BASES = ("learned", "frozen", "none")
+"""The choices of ``base=``: see :class:`~torchhyper.HyperNetwork`."""
 
 # The running mean of the embeddings averages about the last 1 / _CENTER_RATE training calls
 # (every call so far, while there are fewer).
@@ -40,6 +42,11 @@ class _Generator(nn.Module):
     numel: int
     init: str
     base: str
+    # Buffers (the last two with a base only).
+    scale: Tensor
+    offset: Tensor
+    center: Tensor
+    center_calls: Tensor
 
     def _build(
         self,
@@ -53,10 +60,7 @@ class _Generator(nn.Module):
         base: Literal["learned", "frozen", "none"],
     ) -> None:
         """Describes the downstream and builds the norm, base, head and gains."""
-        if not isinstance(downstream, nn.Module):
-            raise TypeError(
-                f"downstream must be a torch.nn.Module, got {type(downstream).__name__}"
-            )
+        module("downstream", downstream)
         if base not in BASES:
             raise ValueError(f"base must be one of {list(BASES)}, got {base!r}")
         if init not in (None, "default", "downstream"):
@@ -147,7 +151,7 @@ class _Generator(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.center_calls += 1
-                rate = (1.0 / self.center_calls).clamp(min=_CENTER_RATE).to(self.center.dtype)
+                rate = self.center_calls.reciprocal().clamp(min=_CENTER_RATE).to(self.center.dtype)
                 mean = z.detach().reshape(-1, z.shape[-1]).mean(0)
                 self.center.add_((mean - self.center) * rate)
         return centered
@@ -158,6 +162,14 @@ class _Generator(nn.Module):
             f"generated={len(self.names)} tensors ({self.numel} values), base={self.base!r}, "
             f"trained={own} ({own / self.numel:.3g}x generated)"
         )
+
+
+def _mlp(in_features: int, sizes: Sequence[int], activation: type[nn.Module]) -> nn.Sequential:
+    """Linear layers of widths ``sizes``, each followed by ``activation()`` (empty: identity)."""
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip([in_features, *sizes[:-1]], sizes):
+        layers += [nn.Linear(n_in, n_out), activation()]
+    return nn.Sequential(*layers)
 
 
 def _spread(value: Tensor) -> float:

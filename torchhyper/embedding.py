@@ -10,12 +10,13 @@ close to what they were when those tasks were learned.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal, Union
+from typing import Literal, Union, cast
 
 import torch
 from torch import Tensor, nn
 
-from torchhyper._generator import _Generator
+from torchhyper._checks import positive_int, positive_ints
+from torchhyper._generator import _Generator, _mlp
 from torchhyper.heads import HeadFactory
 
 __all__ = ["EmbeddingHyperNetwork", "output_regularizer"]
@@ -78,22 +79,11 @@ class EmbeddingHyperNetwork(_Generator):
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
-        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        sizes = list(hidden_sizes) if isinstance(hidden_sizes, (list, tuple)) else None
-        if sizes is None or not all(
-            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes
-        ):
-            raise ValueError(f"hidden_sizes must be a list of positive ints, got {hidden_sizes!r}")
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
-        self.hidden_sizes = sizes
+        self.num_embeddings = positive_int("num_embeddings", num_embeddings)
+        self.embedding_dim = positive_int("embedding_dim", embedding_dim)
+        self.hidden_sizes = sizes = positive_ints("hidden_sizes", hidden_sizes, empty=True)
         self.embedding = nn.Embedding(num_embeddings, embedding_dim)
-        layers: list[nn.Module] = []
-        for n_in, n_out in zip([embedding_dim, *sizes[:-1]], sizes):
-            layers += [nn.Linear(n_in, n_out), activation()]
-        self.encoder = nn.Sequential(*layers)
+        self.encoder = _mlp(embedding_dim, sizes, activation)
         width = sizes[-1] if sizes else embedding_dim
         self._build(
             downstream, width, include=include, exclude=exclude, head=head, init=init, base=base
@@ -112,7 +102,8 @@ class EmbeddingHyperNetwork(_Generator):
 
     def embed(self, ids: int | Tensor) -> Tensor:
         r"""The embeddings ``(*, H)`` of integer ids ``(*)``, after the optional MLP."""
-        return self.encoder(self.embedding(self._check_ids(ids)))
+        z: Tensor = self.encoder(self.embedding(self._check_ids(ids)))
+        return z
 
     def _check_ids(self, ids: int | Tensor) -> Tensor:
         device = self.embedding.weight.device
@@ -167,10 +158,13 @@ def output_regularizer(params: Mapping[str, Tensor], targets: Mapping[str, Tenso
         ValueError: Keys or shapes of ``params`` and ``targets`` differ.
 
     Example:
-        >>> old = torch.arange(task)                        # after learning tasks 0 .. task-1
+        >>> hypernetwork = EmbeddingHyperNetwork(5, 8, nn.Linear(1, 1))
+        >>> old = torch.arange(2)               # after learning tasks 0 and 1
         >>> targets = {k: v.detach() for k, v in hypernetwork(old).items()}
-        >>> # ... then, while learning task `task`:
-        >>> loss = task_loss + beta * output_regularizer(hypernetwork(old), targets)
+        >>> # ... then, while learning task 2 (task_loss: its own loss; beta: e.g. 0.01):
+        >>> output_regularizer(hypernetwork(old), targets)  # 0 until the weights move
+        tensor(0., grad_fn=<DivBackward0>)
+        >>> # loss = task_loss + beta * output_regularizer(hypernetwork(old), targets)
 
     References:
         | Continual learning with hypernetworks (von Oswald et al., 2020)
@@ -193,4 +187,4 @@ def output_regularizer(params: Mapping[str, Tensor], targets: Mapping[str, Tenso
     first = next(iter(params.values()))
     tasks = first.shape[0] if first.dim() else 1
     total = sum((p - t.detach()).square().sum() for p, t in zip(params.values(), targets.values()))
-    return total / tasks
+    return cast(Tensor, total) / tasks

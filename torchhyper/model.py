@@ -5,7 +5,7 @@ The generated parameters come as a plain dict keyed and ordered like
 
 Three ways to condition, one encoder and head:
 
-* :meth:`HyperNetwork.forward` (the seed's): one parameter set from a whole set ``(B, *)``;
+* :meth:`HyperNetwork.forward`: one parameter set from a whole set ``(B, *)``;
 * :meth:`HyperNetwork.per_set`: one parameter set per set, from a batch of sets ``(S, B, *)``;
 * :meth:`HyperNetwork.per_sample`: one parameter set per example, ``(B, *shape)`` each, to apply
   with :func:`torchhyper.per_sample_call`.
@@ -18,14 +18,15 @@ What the hypernetwork reads need not be what the downstream reads: condition on 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, Union
 
 from torch import Tensor, nn
 
-from torchhyper._generator import _Generator
+from torchhyper._checks import module, positive_int, positive_ints
+from torchhyper._generator import _Generator, _mlp
 from torchhyper.heads import HeadFactory
-from torchhyper.pooling import POOLS, Pool, _make_pool, _pool_sets
+from torchhyper.pooling import Pool, _make_pool
 
 __all__ = ["HyperNetwork"]
 
@@ -33,7 +34,7 @@ __all__ = ["HyperNetwork"]
 class HyperNetwork(_Generator):
     r"""Generates the parameters of ``downstream`` from a batch of inputs.
 
-    By default the hypernetwork is set-conditioned, like the original torchhyper: an MLP with
+    By default the hypernetwork is conditioned on a whole set: an MLP with
     ``hidden_sizes`` encodes each example of ``x``, the encodings are pooled over the batch
     (averaged by default), and a head maps the result to one value per generated parameter entry.
     :meth:`per_sample` skips the pooling and returns one parameter set per example instead.
@@ -49,8 +50,8 @@ class HyperNetwork(_Generator):
     ``theta_i(x) = base_i + update_i(z - center)``. So the hypernetwork starts at the
     downstream's current values, whatever library initialized them (PyTorch, transformers'
     ``_init_weights``, PEFT's zero ``lora_B``). ``base="frozen"`` keeps the base fixed (adapters
-    of a pretrained downstream, as in Text-to-LoRA or HyperDreamBooth); ``base="none"`` is the
-    original torchhyper's full generation (below).
+    of a pretrained downstream, as in Text-to-LoRA or HyperDreamBooth); ``base="none"`` generates
+    every value from the embedding (full generation, below).
 
     Learning dynamics. Under Adam, a base moves each weight by about ``lr`` per step, exactly as
     training the downstream directly does. The update reads ``z - center``, where ``center``
@@ -92,10 +93,11 @@ class HyperNetwork(_Generator):
             generates every value, at the statistics of PyTorch's default init).
         init: Kept for compatibility, and follows ``base``: ``"downstream"`` with a base,
             ``"default"`` with ``base="none"``; any other pairing is an error.
-        pool: How the per-example encodings ``(B, H)`` become one ``(H,)``: ``"mean"`` (the
-            original's), ``"sum"``, ``"max"``, ``"attention"`` (a trained
-            :class:`~torchhyper.pooling.AttentionPool`), or a callable (e.g. an ``nn.Module``,
-            which is registered and trained). See :mod:`torchhyper.pooling`.
+        pool: How the per-example encodings ``(B, H)`` become one ``(H,)``: a name of
+            :data:`torchhyper.pooling.POOLS` (``"mean"``, the default, ``"sum"``, ``"max"``,
+            ``"attention"``), a :class:`~torchhyper.pooling.Pool`, or a callable
+            ``(B, H) -> (H,)`` (an ``nn.Module`` is registered and trained). See
+            :mod:`torchhyper.pooling`.
         activation: The encoder's activation module class.
 
     Example:
@@ -126,30 +128,14 @@ class HyperNetwork(_Generator):
         head: Union[str, HeadFactory] = "auto",
         base: Literal["learned", "frozen", "none"] = "learned",
         init: Literal["default", "downstream"] | None = None,
-        pool: Union[Literal["mean", "sum", "max", "attention"], Pool] = "mean",
+        pool: Union[str, Pool, Callable[[Tensor], Tensor]] = "mean",
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
-        if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
-            raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
-        sizes = list(hidden_sizes) if isinstance(hidden_sizes, (list, tuple)) else None
-        if not sizes or not all(
-            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes
-        ):
-            raise ValueError(
-                f"hidden_sizes must be a non-empty list of positive ints, got {hidden_sizes!r}"
-            )
-        if not isinstance(downstream, nn.Module):
-            raise TypeError(
-                f"downstream must be a torch.nn.Module, got {type(downstream).__name__}"
-            )
-        self.input_dim = input_dim
-        self.hidden_sizes = sizes
-
-        layers: list[nn.Module] = []
-        for n_in, n_out in zip([input_dim, *sizes[:-1]], sizes):
-            layers += [nn.Linear(n_in, n_out), activation()]
-        self.encoder = nn.Sequential(*layers)
+        self.input_dim = positive_int("input_dim", input_dim)
+        self.hidden_sizes = sizes = positive_ints("hidden_sizes", hidden_sizes)
+        module("downstream", downstream)
+        self.encoder = _mlp(input_dim, sizes, activation)
         self.pool = _make_pool(pool, sizes[-1])
         self._build(
             downstream, sizes[-1], include=include, exclude=exclude, head=head, init=init, base=base
@@ -169,7 +155,8 @@ class HyperNetwork(_Generator):
     def embed(self, x: Tensor) -> Tensor:
         r"""Encodes the set ``x`` of shape ``(B, *)`` into one embedding of shape ``(H,)``."""
         self._check_input(x, sets=False)
-        return self.pool(self.encoder(x.reshape(x.shape[0], -1)))
+        z: Tensor = self.pool(self.encoder(x.reshape(x.shape[0], -1)))
+        return z
 
     def per_set(self, x: Tensor) -> dict[str, Tensor]:
         r"""Generates one parameter set per set, from a batch of ``S`` sets of ``B`` examples.
@@ -185,7 +172,7 @@ class HyperNetwork(_Generator):
         """
         self._check_input(x, sets=True)
         e = self.encoder(x.reshape(x.shape[0], x.shape[1], -1))
-        return self.generate(_pool_sets(self.pool, e))
+        return self.generate(self.pool(e))
 
     def per_sample(self, x: Tensor) -> dict[str, Tensor]:
         r"""Generates one parameter set per example: each example is its own set of one.
@@ -201,19 +188,18 @@ class HyperNetwork(_Generator):
             Parameters of shape ``(B, *shape)``, keyed like ``downstream.named_parameters()``.
 
         Example:
-            >>> params = hypernetwork.per_sample(c)            # c: (B, input_dim)
-            >>> y = per_sample_call(downstream, params, x)     # y[i] = downstream_i(x[i])
+            >>> from torchhyper import per_sample_call
+            >>> downstream = nn.Linear(3, 2)
+            >>> hypernetwork = HyperNetwork(5, [16], downstream)
+            >>> c, x = torch.randn(8, 5), torch.randn(8, 3)   # a context and an input each
+            >>> params = hypernetwork.per_sample(c)
+            >>> per_sample_call(downstream, params, x).shape  # y[i] = downstream_i(x[i])
+            torch.Size([8, 2])
         """
         self._check_input(x, sets=False)
         e = self.encoder(x.reshape(x.shape[0], -1))
-        # Each example is its own set, held by one process: a pool that reduces across
-        # processes (torchhyper.distributed) offers its single-process form as `.local`.
-        pool = getattr(self.pool, "local", self.pool)
-        if pool in POOLS.values():
-            z = e  # a mean, sum or max over one example is that example
-        else:
-            z = _pool_sets(pool, e.unsqueeze(1))
-        return self.generate(z)
+        # Each example is its own set of one, held by this process alone.
+        return self.generate(self.pool.local(e.unsqueeze(-2)))
 
     def _check_input(self, x: Tensor, *, sets: bool) -> None:
         if not isinstance(x, Tensor):

@@ -93,8 +93,19 @@ def bind(module: nn.Module, params: Mapping[str, Tensor]) -> Iterator[nn.Module]
         ValueError: Unknown names, or wrong shapes.
 
     Example:
-        >>> with bind(flow, hypernetwork(x)):
-        ...     samples = flow.sample(64)
+        >>> from torchhyper import HyperNetwork
+        >>> class Gaussian(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.loc = nn.Parameter(torch.zeros(2))
+        ...     def sample(self, n):
+        ...         return self.loc + torch.randn(n, 2)
+        >>> flow = Gaussian()
+        >>> hypernetwork = HyperNetwork(2, [16], flow)
+        >>> with bind(flow, hypernetwork(torch.randn(32, 2))):
+        ...     samples = flow.sample(64)       # sampled with the generated loc
+        >>> samples.requires_grad, isinstance(flow.loc, nn.Parameter)  # restored on exit
+        (True, True)
     """
     slots = _slots(module)
     _check(

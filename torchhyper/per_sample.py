@@ -78,8 +78,15 @@ def per_sample_call(
         TypeError: ``params`` is not a dict of tensors.
 
     Example:
+        >>> from torchhyper import HyperNetwork
+        >>> downstream = nn.Linear(3, 2)
+        >>> hypernetwork = HyperNetwork(5, [16], downstream)
+        >>> c, x = torch.randn(8, 5), torch.randn(8, 3)       # a context and an input each
         >>> params = hypernetwork.per_sample(c)              # (B, *shape) each
-        >>> y = per_sample_call(downstream, params, x)       # x: (B, D) -> y: (B, out)
+        >>> params["weight"].shape
+        torch.Size([8, 2, 3])
+        >>> per_sample_call(downstream, params, x).shape     # y[i] = downstream_i(x[i])
+        torch.Size([8, 2])
     """
     args = args if isinstance(args, tuple) else (args,)
     kwargs = {} if kwargs is None else kwargs
@@ -323,8 +330,14 @@ def vmap_compatible() -> Iterator[None]:
     around your own ``vmap`` of such modules.
 
     Example:
+        >>> from torch.func import functional_call, stack_module_state, vmap
+        >>> norm = nn.GroupNorm(2, 4)
+        >>> params = stack_module_state([nn.GroupNorm(2, 4) for _ in range(3)])[0]
+        >>> x = torch.randn(3, 2, 5, 4).transpose(-1, -2)  # not contiguous: (3, 2, 4, 5)
         >>> with vmap_compatible():
-        ...     y = torch.func.vmap(lambda p, x: functional_call(unet, p, x))(params, x)
+        ...     y = vmap(lambda p, x: functional_call(norm, p, x))(params, x)
+        >>> y.shape
+        torch.Size([3, 2, 4, 5])
     """
     # torch types a global pre-hook as returning None; its docs let it return a new input tuple.
     handle = torch.nn.modules.module.register_module_forward_pre_hook(

@@ -1,23 +1,32 @@
 r"""Set pooling: how the per-example encodings of a set become one embedding.
 
-A pool maps encodings ``(B, H)`` of a set of ``B`` examples to one embedding ``(H,)``, and must
-not depend on the order of the examples. :class:`~torchhyper.HyperNetwork` takes one with its
-``pool=`` argument:
+**The pool contract.** A pool is a :class:`Pool`: a module that maps the encodings
+``(*, B, H)`` of sets of ``B`` examples to one embedding ``(*, H)`` per set, for any leading
+batch ``*`` (empty for :meth:`HyperNetwork.forward <torchhyper.HyperNetwork.forward>`, the sets
+``S`` for ``per_set``, the examples for ``per_sample``, each its own set of one). It must not
+depend on the order of the examples, and it takes any ``B``. :meth:`Pool.local` is the same map
+over this process's share of a set only: the two differ only for the pools of
+:mod:`torchhyper.distributed`, which reduce over every process.
+
+:class:`~torchhyper.HyperNetwork` takes a pool with ``pool=``:
 
 =================  ==============================================================  ============
 ``pool=``          embedding                                                       parameters
 =================  ==============================================================  ============
-``"mean"``         the average: the original torchhyper's; any set size            none
+``"mean"``         the average (the default); any set size                         none
 ``"sum"``          the sum: keeps the set's size in the embedding (Deep Sets)      none
 ``"max"``          the element-wise maximum                                        none
 ``"attention"``    :class:`AttentionPool`: a learned query attends to the set      ``~4 H^2``
                    (Set Transformer PMA); weighs examples instead of averaging
-a callable         any ``(B, H) -> (H,)``; an ``nn.Module`` is registered and      yours
-                   trained
+a :class:`Pool`    used as it is, e.g. ``AttentionPool(H, heads=2)``               yours
+a callable         any ``(B, H) -> (H,)`` for one set; wrapped once, mapped over   yours
+                   sets with :func:`torch.vmap`; an ``nn.Module`` is trained
 =================  ==============================================================  ============
 
-All of them take any set size at test time. Mean pooling underfits rich sets (Kim et al. 2019):
-attention pooling lets the embedding weigh the examples by content.
+The names are the keys of :data:`POOLS`; a :class:`Pool` subclass decorated with
+:func:`register_pool` is a new name. Every pool's output shape is checked once, on a dummy set,
+when the hypernetwork is built. Mean pooling underfits rich sets (Kim et al. 2019): attention
+pooling lets the embedding weigh the examples by content.
 
 References:
     | Deep Sets (Zaheer et al., 2017)
@@ -31,33 +40,149 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
+from typing import Any, TypeVar, Union, cast
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AttentionPool", "POOLS", "Pool"]
+from torchhyper._checks import positive_int
+from torchhyper._registry import registrar
 
-Pool = Callable[[Tensor], Tensor]
-
-
-def _mean(e: Tensor) -> Tensor:
-    return e.mean(dim=-2)
-
-
-def _sum(e: Tensor) -> Tensor:
-    return e.sum(dim=-2)
-
-
-def _max(e: Tensor) -> Tensor:
-    return e.amax(dim=-2)
+__all__ = [
+    "Pool",
+    "MeanPool",
+    "SumPool",
+    "MaxPool",
+    "AttentionPool",
+    "POOLS",
+    "register_pool",
+]
 
 
-#: The named reductions: each maps ``(*, B, H)`` to ``(*, H)``.
-POOLS: dict[str, Pool] = {"mean": _mean, "sum": _sum, "max": _max}
+class Pool(nn.Module):
+    r"""Base class of pools: encodings ``(*, B, H)`` to embeddings ``(*, H)``.
+
+    A subclass implements :meth:`forward`, for any leading batch ``*``, invariant to the order
+    of the ``B`` examples. One that reduces over several processes also overrides
+    :meth:`local`.
+    """
+
+    def forward(self, e: Tensor) -> Tensor:
+        r"""Pools sets of encodings ``(*, B, H)`` into embeddings ``(*, H)``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward")
+
+    def local(self, e: Tensor) -> Tensor:
+        r"""Pools this process's share of each set alone, ``(*, B, H) -> (*, H)``.
+
+        The hypernetwork calls it for sets it knows are held by one process (``per_sample``:
+        each example is its own set). The default is :meth:`forward`.
+        """
+        out: Tensor = self(e)
+        return out
 
 
-class AttentionPool(nn.Module):
+POOLS: dict[str, type[Pool]] = {}
+r"""The named pools: ``pool=NAME`` builds ``POOLS[NAME](in_features)``.
+
+Filled by :func:`register_pool`. Validation, error messages, the experiments' configs, the tests
+and the documentation all read it.
+"""
+
+P = TypeVar("P", bound=type[Pool])
+
+
+def register_pool(name: str) -> Callable[[P], P]:
+    r"""Registers a :class:`Pool` subclass under ``name``, so that ``pool=name`` builds it.
+
+    The class is built as ``cls(in_features)``, with ``in_features`` the encoding width ``H``.
+
+    Example:
+        >>> @register_pool("softmax")
+        ... class SoftmaxPool(Pool):
+        ...     '''A mean weighted by the softmax of each example's first feature.'''
+        ...     def __init__(self, in_features):
+        ...         super().__init__()
+        ...     def forward(self, e):
+        ...         weights = e[..., :1].softmax(dim=-2)
+        ...         return (weights * e).sum(dim=-2)
+        >>> POOLS["softmax"](8)(torch.randn(3, 5, 8)).shape
+        torch.Size([3, 8])
+        >>> del POOLS["softmax"]  # (leave the registry as it was)
+
+    Raises:
+        ValueError: ``name`` is not an identifier, or is taken by another class.
+        TypeError: The decorated object is not a :class:`Pool` subclass.
+    """
+    return cast(Callable[[P], P], registrar(POOLS, Pool, "pool", name))
+
+
+def _expect_sets(pool: nn.Module, e: Any, width: int | None = None) -> None:
+    if not isinstance(e, Tensor) or e.dim() < 2 or (width is not None and e.shape[-1] != width):
+        got = tuple(e.shape) if isinstance(e, Tensor) else type(e).__name__
+        want = "(*, B, H)" if width is None else f"(*, B, H) with H == {width}"
+        raise ValueError(f"{type(pool).__name__} expects encodings {want}, got {got}")
+
+
+class _Reduction(Pool):
+    """A reduction over the set's dimension, with no parameters."""
+
+    def __init__(self, in_features: int | None = None) -> None:
+        super().__init__()
+        self.in_features = None if in_features is None else positive_int("in_features", in_features)
+
+    def forward(self, e: Tensor) -> Tensor:
+        _expect_sets(self, e, self.in_features)
+        return self.reduce(e)
+
+    @staticmethod
+    def reduce(e: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return "" if self.in_features is None else f"in_features={self.in_features}"
+
+
+@register_pool("mean")
+class MeanPool(_Reduction):
+    r"""The mean over the set: ``(*, B, H) -> (*, H)``.
+
+    Args:
+        in_features: The encoding width ``H``; ``None`` takes any.
+    """
+
+    @staticmethod
+    def reduce(e: Tensor) -> Tensor:
+        return e.mean(dim=-2)
+
+
+@register_pool("sum")
+class SumPool(_Reduction):
+    r"""The sum over the set, which keeps its size (Deep Sets): ``(*, B, H) -> (*, H)``.
+
+    Args:
+        in_features: The encoding width ``H``; ``None`` takes any.
+    """
+
+    @staticmethod
+    def reduce(e: Tensor) -> Tensor:
+        return e.sum(dim=-2)
+
+
+@register_pool("max")
+class MaxPool(_Reduction):
+    r"""The feature-wise maximum over the set: ``(*, B, H) -> (*, H)``.
+
+    Args:
+        in_features: The encoding width ``H``; ``None`` takes any.
+    """
+
+    @staticmethod
+    def reduce(e: Tensor) -> Tensor:
+        return e.amax(dim=-2)
+
+
+@register_pool("attention")
+class AttentionPool(Pool):
     r"""Pooling by multihead attention (PMA of the Set Transformer) with one learned seed query.
 
     With ``E = relu(W_e e + b_e)`` the encoded set, ``s`` a learned seed vector, and ``MHA`` a
@@ -69,9 +194,9 @@ class AttentionPool(nn.Module):
     size; a single query returns one embedding of the same width ``H``.
 
     Args:
-        features: The encoding width ``H``.
-        heads: Attention heads; must divide ``features``. Default: 4, 2 or 1, the largest that
-            divides it.
+        in_features: The encoding width ``H``.
+        heads: Attention heads; must divide ``in_features``. Default: 4, 2 or 1, the largest
+            that divides it.
 
     Example:
         >>> pool = AttentionPool(64)
@@ -85,63 +210,102 @@ class AttentionPool(nn.Module):
         | Networks (Lee et al., 2019). https://arxiv.org/abs/1810.00825
     """
 
-    def __init__(self, features: int, *, heads: int | None = None) -> None:
+    def __init__(self, in_features: int, *, heads: int | None = None) -> None:
         super().__init__()
-        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
-            raise ValueError(f"features must be a positive int, got {features!r}")
+        width = positive_int("in_features", in_features)
         if heads is None:
-            heads = next(h for h in (4, 2, 1) if features % h == 0)
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or features % heads:
+            heads = next(h for h in (4, 2, 1) if width % h == 0)
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or width % heads:
             raise ValueError(
-                f"heads must be a positive int that divides features={features}, got {heads!r}"
+                f"heads must be a positive int that divides in_features={width}, got {heads!r}"
             )
-        self.features = features
+        self.in_features = width
         self.heads = heads
-        self.encode = nn.Sequential(nn.Linear(features, features), nn.ReLU())
-        self.seed = nn.Parameter(torch.randn(features) / features**0.5)
-        self.attention = nn.MultiheadAttention(features, heads, batch_first=True)
-        self.norm1 = nn.LayerNorm(features)
-        self.feedforward = nn.Sequential(nn.Linear(features, features), nn.ReLU())
-        self.norm2 = nn.LayerNorm(features)
+        self.encode = nn.Sequential(nn.Linear(width, width), nn.ReLU())
+        self.seed = nn.Parameter(torch.randn(width) / width**0.5)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(width)
+        self.feedforward = nn.Sequential(nn.Linear(width, width), nn.ReLU())
+        self.norm2 = nn.LayerNorm(width)
 
     def forward(self, e: Tensor) -> Tensor:
-        r"""Pools sets of encodings ``(*, B, H)`` into embeddings ``(*, H)``."""
-        if e.dim() < 2 or e.shape[-1] != self.features:
-            raise ValueError(
-                f"AttentionPool expects encodings (*, B, H) with H == {self.features}, "
-                f"got shape {tuple(e.shape)}"
-            )
+        _expect_sets(self, e, self.in_features)
         batch = e.shape[:-2]
         sets = e.reshape(-1, *e.shape[-2:])  # (S, B, H)
         keys = self.encode(sets)
-        query = self.seed.expand(sets.shape[0], 1, self.features)
+        query = self.seed.expand(sets.shape[0], 1, self.in_features)
         attended = self.attention(query, keys, keys, need_weights=False)[0]
         a = self.norm1(query + attended)
-        out = self.norm2(a + self.feedforward(a))
-        return out.reshape(*batch, self.features)
+        out: Tensor = self.norm2(a + self.feedforward(a))
+        return out.reshape(*batch, self.in_features)
 
     def extra_repr(self) -> str:
-        return f"features={self.features}, heads={self.heads}"
+        return f"in_features={self.in_features}, heads={self.heads}"
 
 
-def _make_pool(pool: Union[str, Pool], features: int) -> Pool:
+class _SetFunction(Pool):
+    """A user's ``(B, H) -> (H,)`` callable for one set, mapped over the leading batch."""
+
+    def __init__(self, function: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.function = function  # an nn.Module is registered, and so trained
+
+    def forward(self, e: Tensor) -> Tensor:
+        _expect_sets(self, e)
+        if e.dim() == 2:
+            return self.function(e)
+        pooled = torch.vmap(self.function)(e.reshape(-1, *e.shape[-2:]))
+        return pooled.reshape(*e.shape[:-2], *pooled.shape[1:])
+
+    def extra_repr(self) -> str:
+        return "" if isinstance(self.function, nn.Module) else repr(self.function)
+
+
+def _make_pool(pool: Union[str, Pool, Callable[[Tensor], Tensor]], in_features: int) -> Pool:
+    """The :class:`Pool` that ``pool=`` names, its output shape checked on a dummy set."""
     if isinstance(pool, str):
-        if pool == "attention":
-            return AttentionPool(features)
         if pool not in POOLS:
             raise ValueError(
-                f"pool must be one of {sorted(POOLS)} or a callable, got {pool!r} "
-                "(attention pooling: pool='attention', or pool=AttentionPool(width, heads=...))"
+                f"pool must be one of {list(POOLS)}, a Pool or a callable, got {pool!r}"
             )
-        return POOLS[pool]
-    if not callable(pool):
-        raise TypeError(f"pool must be a name or a callable (B, H) -> (H,), got {pool!r}")
-    return pool
+        made: Pool = POOLS[pool](in_features)
+    elif isinstance(pool, Pool):
+        made = pool
+    elif callable(pool):
+        made = _SetFunction(pool)
+    else:
+        raise TypeError(
+            f"pool must be a name of {list(POOLS)}, a Pool or a callable (B, H) -> (H,), "
+            f"got {type(pool).__name__}"
+        )
+    _check_shape(made, in_features)
+    return made
 
 
-def _pool_sets(pool: Pool, e: Tensor) -> Tensor:
-    """Pools each set of ``e`` (S, B, H) separately: (S, H)."""
-    if pool in POOLS.values() or isinstance(pool, AttentionPool):
-        return pool(e)
-    # A user's pool is only known to take one set (B, H): map it over the sets.
-    return torch.vmap(pool)(e)
+def _check_shape(pool: Pool, in_features: int) -> None:
+    """Runs ``pool`` once on a dummy set ``(2, H)`` in eval mode (so that a pool over several
+    processes stays local) and checks that it returns ``(H,)``."""
+    ref = next(pool.parameters(), None)
+    # Fixed values, not random ones: building a hypernetwork draws nothing more from the RNG.
+    dummy = torch.linspace(-1.0, 1.0, 2 * in_features).reshape(2, in_features)
+    if ref is not None:
+        dummy = dummy.to(ref.device, ref.dtype if ref.is_floating_point() else None)
+    modes = [m.training for m in pool.modules()]
+    pool.eval()
+    try:
+        with torch.no_grad():
+            out = pool(dummy)
+    except Exception as error:
+        raise ValueError(
+            f"pool failed on a dummy set of shape (2, {in_features}) (B = 2 encodings of width "
+            f"in_features = {in_features}): {type(error).__name__}: {error}"
+        ) from error
+    finally:
+        for m, mode in zip(pool.modules(), modes):
+            m.training = mode
+    if not isinstance(out, Tensor) or out.shape != (in_features,):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"pool must map a set (B, H) to (H,) = ({in_features},), got {got} from a dummy "
+            f"set of shape (2, {in_features})"
+        )

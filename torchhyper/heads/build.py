@@ -67,9 +67,11 @@ def summary(hypernetwork: nn.Module) -> str:
         ['head: FiLMHead()', 'base: learned (90,300 values, trained)']
     """
     head = getattr(hypernetwork, "head", None)
-    if not isinstance(head, nn.Module) or not hasattr(hypernetwork, "numel"):
+    numel = getattr(hypernetwork, "numel", None)
+    if not isinstance(head, nn.Module) or not isinstance(numel, int):
         raise TypeError(
-            f"hypernetwork must be a HyperNetwork (with a head and numel), got {type(hypernetwork).__name__}"
+            "hypernetwork must be a HyperNetwork (with a head and numel), "
+            f"got {type(hypernetwork).__name__}"
         )
     parts: dict[str, int] = {}
     for name, p in hypernetwork.named_parameters():
@@ -86,9 +88,9 @@ def summary(hypernetwork: nn.Module) -> str:
     how = {"learned": "trained", "frozen": "fixed"}.get(base)
     return (
         f"head: {type(head).__name__}({options})\n"
-        + (f"base: {base} ({hypernetwork.numel:,} values, {how})\n" if how else "base: none\n")
-        + f"generated: {hypernetwork.numel:,} values in {tensors} tensors\n"
-        f"trained parameters: {total:,} ({total / hypernetwork.numel:.3g}x generated): {detail}"
+        + (f"base: {base} ({numel:,} values, {how})\n" if how else "base: none\n")
+        + f"generated: {numel:,} values in {tensors} tensors\n"
+        f"trained parameters: {total:,} ({total / numel:.3g}x generated): {detail}"
     )
 
 

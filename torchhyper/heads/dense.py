@@ -18,8 +18,8 @@ __all__ = ["DenseHead", "ChunkedHead"]
 
 @register_head("dense")
 class DenseHead(Head):
-    r"""One fused linear map from the embedding to every value, like the original torchhyper's
-    per-tensor heads, but as a single matrix product.
+    r"""One fused linear map from the embedding to every value: a linear head per tensor, as a
+    single matrix product.
 
     It costs ``(H + 1) N`` parameters: about 97 times the downstream for ``H = 96``. Use it for
     small downstreams, where it is the fastest to train.

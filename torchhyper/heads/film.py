@@ -39,6 +39,9 @@ class FiLMHead(Head):
     """
 
     needs_base = True
+    vector: Tensor
+    owner: Tensor
+    one: Tensor
 
     def __init__(self, in_features: int, shapes: Sequence[Sequence[int]]) -> None:
         super().__init__(in_features, shapes)
@@ -89,6 +92,9 @@ class NoUpdate(Head):
     """
 
     needs_base = True
+    vector: Tensor
+    owner: Tensor
+    one: Tensor
 
     def assemble(
         self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor

@@ -3,10 +3,12 @@ r"""The head contract (:class:`Head`) and the registry of named heads (:data:`HE
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 from torch import Tensor, nn
+
+from torchhyper._registry import registrar
 
 __all__ = ["Head", "HeadFactory", "HEADS", "register_head", "head_names"]
 
@@ -99,28 +101,12 @@ def register_head(name: str) -> Callable[[H], H]:
         ValueError: ``name`` is ``"auto"`` or taken by another class.
         TypeError: The decorated object is not a :class:`Head` subclass.
     """
-    if not isinstance(name, str) or not name.isidentifier() or name == "auto":
-        raise ValueError(f"a head name must be an identifier other than 'auto', got {name!r}")
-
-    def register(cls: H) -> H:
-        if not (isinstance(cls, type) and issubclass(cls, Head)):
-            raise TypeError(f"register_head({name!r}) decorates Head subclasses, got {cls!r}")
-        taken = HEADS.get(name)
-        if taken is not None and _qualified(taken) != _qualified(cls):  # a reload is fine
-            raise ValueError(f"head name {name!r} is taken by {_qualified(taken)}")
-        HEADS[name] = cls
-        return cls
-
-    return register
+    return cast(Callable[[H], H], registrar(HEADS, Head, "head", name, reserved=("auto",)))
 
 
 def head_names() -> list[str]:
     r"""Every name ``head=`` takes: ``"auto"`` and the keys of :data:`HEADS`, in that order."""
     return ["auto", *HEADS]
-
-
-def _qualified(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class _ModuleHead(Head):

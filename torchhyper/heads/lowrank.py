@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -69,9 +70,8 @@ class LoRAHead(Head):
         c = self.coefficients(z).unflatten(-1, (len(self.shapes), self.rank)) / math.sqrt(self.rank)
         lefts = [left * c[..., k, None, :] for k, left in enumerate(self.left)]  # (*, rows, r)
         if not batch and not torch.compiler.is_compiling():
-            return _LowRankPlusBase.apply(
-                self.noise, self.numel, self.matrices, *lefts, *self.right
-            )
+            out = _LowRankPlusBase.apply(self.noise, self.numel, self.matrices, *lefts, *self.right)  # type: ignore[no-untyped-call]
+            return cast(Tensor, out)
         bases = [None] * len(self.shapes) if self.noise is None else self.noise.split(self.numels)
         parts = []
         for left, right, base, (rows, cols) in zip(lefts, self.right, bases, self.matrices):
@@ -84,7 +84,9 @@ class LoRAHead(Head):
         self.noise = None
         return _zero(*self.right)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.noise is not None:  # the base is not saved: regenerate it from the loaded seed
             self.noise = _noise(int(self.seed), self.numels).to(self.noise.device, self.noise.dtype)
@@ -100,7 +102,7 @@ class _LowRankPlusBase(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, base: Tensor | None, numel: int, matrices: list[tuple[int, int]], *factors: Tensor
+        ctx: Any, base: Tensor | None, numel: int, matrices: list[tuple[int, int]], *factors: Tensor
     ) -> Tensor:
         lefts, rights = factors[: len(matrices)], factors[len(matrices) :]
         out = lefts[0].new_empty(numel)
@@ -119,7 +121,7 @@ class _LowRankPlusBase(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         matrices = ctx.matrices
         factors = ctx.saved_tensors
         lefts, rights = factors[: len(matrices)], factors[len(matrices) :]
