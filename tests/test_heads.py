@@ -260,7 +260,9 @@ def test_make_head_and_summary_errors():
         ValueError, match=r"must map an embedding \(12,\) to \(56,\) values .* got \(55,\)"
     ):
         _make_head(lambda h, s: nn.Linear(h, 55), H, SHAPES, base=True)
-    with pytest.raises(TypeError, match=r"calling it on zeros\(12\) raised RuntimeError"):
+    with pytest.raises(
+        TypeError, match=r"calling it on a dummy input of shape \(12,\) raised RuntimeError"
+    ):
         _make_head(lambda h, s: nn.Linear(h + 1, 56), H, SHAPES, base=True)
     for name in ("film", "none"):
         with pytest.raises(ValueError, match="modulates a base, but base='none'"):

@@ -72,10 +72,11 @@ def test_pool_argument_errors():
         HyperNetwork(3, [8], nn.Linear(2, 2), pool=3)
     # A pool's output shape is checked once, on a dummy set, when the hypernetwork is built.
     with pytest.raises(
-        ValueError, match=r"pool must map a set \(B, H\) to \(H,\) = \(8,\), got \(2, 8\)"
+        ValueError,
+        match=r"of width 8 to \(8,\), got \(2, 8\) from a dummy input of shape \(2, 8\)",
     ):
         HyperNetwork(3, [8], nn.Linear(2, 2), pool=lambda e: e)
-    with pytest.raises(ValueError, match=r"pool failed on a dummy set of shape \(2, 8\).*H == 4"):
+    with pytest.raises(TypeError, match=r"dummy input of shape \(2, 8\) raised ValueError.*H == 4"):
         HyperNetwork(3, [8], nn.Linear(2, 2), pool=AttentionPool(4))
     with pytest.raises(ValueError, match=r"MeanPool expects encodings \(\*, B, H\), got \(5,\)"):
         MeanPool()(torch.randn(5))

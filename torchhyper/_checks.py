@@ -2,9 +2,11 @@ r"""Argument checks shared by the public constructors: one wording for every mes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 __all__: list[str] = []
 
@@ -34,3 +36,30 @@ def module(name: str, value: Any) -> nn.Module:
     if not isinstance(value, nn.Module):
         raise TypeError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
     return value
+
+
+def output_shape(
+    module: Callable[[Tensor], Any], dummy: Tensor, expected: tuple[int, ...], what: str
+) -> None:
+    """Calls ``module`` once on ``dummy`` and checks that it returns a tensor of shape
+    ``expected``, else a ``ValueError`` that starts with ``what`` (a ``TypeError`` if the call
+    raises). The call runs in eval mode (so that nothing is updated, and a pool over several
+    processes stays local) without gradients; training modes are restored in ``finally``."""
+    modules = list(module.modules()) if isinstance(module, nn.Module) else []
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.training = False
+    try:
+        with torch.no_grad():
+            out = module(dummy)
+    except Exception as error:
+        raise TypeError(
+            f"{what}; calling it on a dummy input of shape {tuple(dummy.shape)} raised "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    finally:
+        for m, mode in zip(modules, modes):
+            m.training = mode
+    if not isinstance(out, Tensor) or out.shape != expected:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"{what}, got {got} from a dummy input of shape {tuple(dummy.shape)}")

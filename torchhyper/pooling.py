@@ -45,7 +45,7 @@ from typing import Any, TypeVar, Union, cast
 import torch
 from torch import Tensor, nn
 
-from torchhyper._checks import positive_int
+from torchhyper._checks import output_shape, positive_int
 from torchhyper._registry import registrar
 
 __all__ = [
@@ -290,22 +290,5 @@ def _check_shape(pool: Pool, in_features: int) -> None:
     dummy = torch.linspace(-1.0, 1.0, 2 * in_features).reshape(2, in_features)
     if ref is not None:
         dummy = dummy.to(ref.device, ref.dtype if ref.is_floating_point() else None)
-    modes = [m.training for m in pool.modules()]
-    pool.eval()
-    try:
-        with torch.no_grad():
-            out = pool(dummy)
-    except Exception as error:
-        raise ValueError(
-            f"pool failed on a dummy set of shape (2, {in_features}) (B = 2 encodings of width "
-            f"in_features = {in_features}): {type(error).__name__}: {error}"
-        ) from error
-    finally:
-        for m, mode in zip(pool.modules(), modes):
-            m.training = mode
-    if not isinstance(out, Tensor) or out.shape != (in_features,):
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
-            f"pool must map a set (B, H) to (H,) = ({in_features},), got {got} from a dummy "
-            f"set of shape (2, {in_features})"
-        )
+    what = f"pool must map a set (B, H) of encodings of width {in_features} to ({in_features},)"
+    output_shape(pool, dummy, (in_features,), what)

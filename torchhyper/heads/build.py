@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from typing import Union
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from torchhyper._checks import output_shape
 from torchhyper.heads.dense import DenseHead
 from torchhyper.heads.film import FiLMHead
 from torchhyper.heads.head import HEADS, Head, HeadFactory, _as_matrix, _ModuleHead, head_names
@@ -117,21 +118,11 @@ def _make_head(
         numel = sum(torch.Size(s).numel() for s in shapes)
         ref = next(module.parameters(), None)
         dummy = torch.zeros(in_features) if ref is None else ref.new_zeros(in_features)
-        try:
-            with torch.no_grad():
-                out = module(dummy)
-        except Exception as error:
-            raise TypeError(
-                f"head factory returned {type(module).__name__}, which must map an embedding "
-                f"(*, {in_features}) to (*, {numel}) values; calling it on zeros({in_features}) "
-                f"raised {type(error).__name__}: {error}"
-            ) from error
-        if not isinstance(out, Tensor) or out.shape != (numel,):
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"head factory returned {type(module).__name__}, which must map an embedding "
-                f"({in_features},) to ({numel},) values (one per generated value), got {got}"
-            )
+        what = (
+            f"head factory returned {type(module).__name__}, which must map an embedding "
+            f"({in_features},) to ({numel},) values (one per generated value)"
+        )
+        output_shape(module, dummy, (numel,), what)
         module = _ModuleHead(module, in_features, shapes)
     if module.needs_base and not base:
         raise ValueError(
