@@ -16,7 +16,7 @@ from torchhyper.params import bind, load_params, materialize
 from torchhyper.per_sample import per_sample_call, vmap_compatible
 from torchhyper.pooling import AttentionPool
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "HyperNetwork",
