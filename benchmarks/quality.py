@@ -19,8 +19,9 @@ Tasks:
   (amplitude, phase) and generates an MLP 1-64-64-1 for it (``per_sample`` +
   ``per_sample_call``), scored on 16 points of its sine. ``direct`` cannot see the task;
   ``direct+context`` is the usual alternative, an MLP that takes (x, amplitude, phase).
-* ``gmm-amortized``: the experiments' amortized GMM (``experiments/configs/gmm_amortized.json``,
-  fewer steps): the median KL over 20 held-out mixtures; ``direct`` fits each one by itself.
+* ``gmm-amortized``: the experiments' amortized GMM (the run ``gmm_amortized`` of
+  ``experiments/tasks/gmm.py``, fewer steps): the median KL over 20 held-out mixtures;
+  ``direct`` fits each one by itself.
 
     python benchmarks/quality.py                       # the full table (~30 min on 2 cores)
     python benchmarks/quality.py --tasks=digits-85k --seeds=0 --variants=direct,auto,dense
@@ -186,7 +187,7 @@ def per_sample_task(
 def gmm_amortized(variant: str, seed: int, steps: int = 1500) -> float:
     from experiments import train
 
-    config = str(ROOT / "experiments" / "configs" / "gmm_amortized.json")
+    config = "gmm_amortized"  # a registered run of experiments/tasks/gmm.py
     head, base = VARIANTS.get(variant, ("auto", "learned"))
     with tempfile.TemporaryDirectory() as out:
         metrics = train.main(

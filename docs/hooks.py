@@ -4,8 +4,8 @@ A page may hold these markers, each on its own line; each is replaced by a Markd
 
 * ``<!-- registry:heads -->``: ``torchhyper.heads.HEADS`` (name -> head class or factory);
 * ``<!-- registry:pools -->``: ``torchhyper.pooling.POOLS`` (name -> Pool class);
-* ``<!-- registry:experiments -->``: ``experiments.EXPERIMENTS`` (name -> an object with a
-  docstring, e.g. the experiment's task class);
+* ``<!-- registry:experiments -->``: ``experiments.EXPERIMENTS`` (name -> ``Experiment``, shown
+  by its task class and its summary);
 * ``<!-- exports:torchhyper -->``: the names in ``torchhyper.__all__``;
 * ``<!-- results:table -->``: ``docs/results/results.md``, the experiments' results table that
   ``python -m experiments.results`` writes, with its plots' paths made relative to the page.
@@ -21,13 +21,10 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import logging
 import re
 import sys
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger("mkdocs.hooks.torchhyper")
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"^<!-- (registry|exports|results):([a-z_]+) -->$", re.MULTILINE)
@@ -39,7 +36,7 @@ REGISTRIES = {
     "experiments": (
         "experiments",
         "EXPERIMENTS",
-        "a dict name -> object with a docstring (e.g. the experiment's task class)",
+        "a dict name -> Experiment (its __doc__: the experiment module's summary)",
     ),
 }
 
@@ -107,7 +104,8 @@ def registry_table(entries: dict[str, Any]) -> str:
     rows = ["| name | class | what |", "| --- | --- | --- |"]
     for name, obj in entries.items():
         target = obj.func if isinstance(obj, functools.partial) else obj
-        rows.append(f"| `{name}` | {reference(obj)} | {first_sentence(target) or '—'} |")
+        shown = getattr(obj, "task", obj)  # an Experiment: its task class
+        rows.append(f"| `{name}` | {reference(shown)} | {first_sentence(target) or '—'} |")
     return "\n".join(rows)
 
 
@@ -120,16 +118,6 @@ def _registry(name: str, page: str) -> str:
             f"{page}: registry:{name} needs module {module_name}: {error}"
         ) from error
     entries = getattr(module, attribute, None)
-    if entries is None and name == "experiments":
-        # Tolerated until the registry exists: say what the hook expects, on the page and here.
-        log.info(
-            "%s: %s.%s is not defined yet (expected %s)", page, module_name, attribute, expected
-        )
-        return (
-            f'!!! note "Registry not found"\n\n'
-            f"    `{module_name}.{attribute}` is not defined yet. The docs list it here once it "
-            f"exists: {expected}.\n"
-        )
     if not isinstance(entries, dict) or not entries:
         raise RuntimeError(
             f"{page}: registry:{name} expects {module_name}.{attribute} to be {expected}, "

@@ -23,7 +23,7 @@ _FORMAT = "torchhyper-experiment-1"
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
     r"""Every RNG state a training step draws from."""
-    state = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "data": generator.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -62,7 +62,7 @@ def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> 
             "a new run (in a new out_dir)"
         )
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint: dict[str, Any] = torch.load(path, map_location=map_location, weights_only=True)
     except (
         RuntimeError,
         EOFError,

@@ -1,10 +1,19 @@
-r"""Experiment configs: native JSON, loaded into dataclasses that reject unknown keys, wrong types
-and impossible values, with ``--key=value`` overrides from the command line.
+r"""Experiment configs: JSON-like dicts, loaded into dataclasses that reject unknown keys, wrong
+types and impossible values, with ``--key=value`` overrides from the command line.
 
-    python -m experiments.train experiments/configs/gmm.json --steps=500 --task.n_train=1000
+    python -m experiments.train gmm --steps=500 --task.n_train=1000      # a registered run
+    python -m experiments.train gmm --print-config > my.json             # its config, as JSON
+    python -m experiments.train my.json --out_dir=runs/mine              # a config file
 
-A config has the common fields of :class:`Config` and a ``task`` object whose fields depend on
-``experiment`` (:class:`GMMTask`, :class:`FlowTask`, :class:`VAETask`, :class:`DDPMTask`).
+The registered runs are declared in their experiment's module (``Experiment.runs``), the one
+place they are written; :func:`load_run` loads one by name, :func:`load_config` a JSON file
+(one written by hand, by ``--print-config``, or a run folder's ``config.json``), :func:`load`
+either.
+
+A config has the common fields of :class:`Config` and a ``task`` object whose fields are those
+of its experiment's config dataclass (``EXPERIMENTS[experiment].config``, declared in the
+experiment's module). Names are checked against the registries: ``experiment`` against
+:data:`experiments.EXPERIMENTS`, ``head``, ``base`` and ``pool`` against torchhyper's.
 """
 
 from __future__ import annotations
@@ -13,185 +22,57 @@ import dataclasses
 import json
 import math
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from torchhyper._generator import BASES
 from torchhyper.heads import HEADS, head_names
+from torchhyper.pooling import POOLS
 
 __all__ = [
     "Config",
-    "GMMTask",
-    "FlowTask",
-    "VAETask",
-    "DDPMTask",
-    "TASKS",
+    "check_positive",
+    "check_range",
+    "check_sizes",
+    "load",
     "load_config",
+    "load_run",
+    "apply_overrides",
     "config_from_dict",
     "config_to_dict",
 ]
 
 
-def _positive(where: str, **values: float) -> None:
+def check_positive(where: str, **values: float) -> None:
+    r"""Raises one ``ValueError`` naming every one of ``values`` that is not > 0."""
     bad = {k: v for k, v in values.items() if not v > 0}
     if bad:
         raise ValueError(f"{where}: {', '.join(f'{k}={v!r}' for k, v in bad.items())} must be > 0")
 
 
-def _range(where: str, name: str, value: list[float], *, positive: bool = False) -> None:
+def check_range(where: str, name: str, value: list[float], *, positive: bool = False) -> None:
+    r"""Raises ``ValueError`` unless ``value`` is ``[low, high]`` with ``low <= high`` (and
+    ``low > 0`` if ``positive``)."""
     if len(value) != 2 or not value[0] <= value[1] or (positive and not value[0] > 0):
         kind = "0 < low <= high" if positive else "low <= high"
         raise ValueError(f"{where}.{name} must be [low, high] with {kind}, got {value!r}")
 
 
-@dataclass
-class GMMTask:
-    r"""A 1-D Gaussian mixture (the original's: weights 0.8/0.2, means 0 and 2, variances 1)."""
-
-    weights: list[float] = field(default_factory=lambda: [0.8, 0.2])
-    means: list[float] = field(default_factory=lambda: [0.0, 2.0])
-    variances: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    n_train: int = 2000  # the fixed training sample (single dataset)
-    mc_samples: int = 100_000  # Monte-Carlo samples for KL(true || predicted)
-    # Amortized: random mixtures with these ranges, evaluated on held-out ones.
-    mean_range: list[float] = field(default_factory=lambda: [-4.0, 4.0])
-    variance_range: list[float] = field(default_factory=lambda: [0.25, 2.0])
-    eval_datasets: int = 20
-    direct_steps: int = 1000  # steps of the direct fit of each held-out dataset
-
-    def validate(self, where: str) -> None:
-        k = len(self.weights)
-        if k == 0 or len(self.means) != k or len(self.variances) != k:
-            raise ValueError(
-                f"{where}: weights, means and variances must be non-empty lists of one length, got "
-                f"{len(self.weights)}, {len(self.means)} and {len(self.variances)} entries"
-            )
-        if any(w <= 0 for w in self.weights) or not math.isclose(
-            sum(self.weights), 1.0, abs_tol=1e-6
-        ):
-            raise ValueError(f"{where}.weights must be positive and sum to 1, got {self.weights!r}")
-        if any(not v > 0 for v in self.variances):
-            raise ValueError(f"{where}.variances must all be > 0, got {self.variances!r}")
-        _positive(
-            where,
-            n_train=self.n_train,
-            mc_samples=self.mc_samples,
-            eval_datasets=self.eval_datasets,
-            direct_steps=self.direct_steps,
-        )
-        _range(where, "mean_range", self.mean_range)
-        _range(where, "variance_range", self.variance_range, positive=True)
-
-
-@dataclass
-class FlowTask:
-    r"""An element-wise affine flow fitted to a Gaussian (the original's: 12-D, mean 1,
-    covariance diag(1..12))."""
-
-    mean: list[float] = field(default_factory=lambda: [1.0] * 12)
-    variances: list[float] = field(default_factory=lambda: [float(i) for i in range(1, 13)])
-    n_train: int = 2000
-    mean_range: list[float] = field(default_factory=lambda: [-3.0, 3.0])
-    variance_range: list[float] = field(default_factory=lambda: [0.5, 12.0])
-    eval_datasets: int = 20
-    direct_steps: int = 1000
-
-    def validate(self, where: str) -> None:
-        if not self.mean or len(self.mean) != len(self.variances):
-            raise ValueError(
-                f"{where}: mean and variances must be non-empty lists of one length, got "
-                f"{len(self.mean)} and {len(self.variances)} entries"
-            )
-        if any(not v > 0 for v in self.variances):
-            raise ValueError(f"{where}.variances must all be > 0, got {self.variances!r}")
-        _positive(
-            where,
-            n_train=self.n_train,
-            eval_datasets=self.eval_datasets,
-            direct_steps=self.direct_steps,
-        )
-        _range(where, "mean_range", self.mean_range)
-        _range(where, "variance_range", self.variance_range, positive=True)
-
-
-@dataclass
-class _DigitsTask:
-    dataset: Literal["digits", "mnist"] = "digits"
-    data_path: str = ""  # for "mnist": an .npz file or a folder of IDX files
-    test_fraction: float = 0.25
-    max_train: int = 0  # use at most this many training images (0: all)
-
-    def validate(self, where: str) -> None:
-        if not 0 < self.test_fraction < 1:
-            raise ValueError(f"{where}.test_fraction must be in (0, 1), got {self.test_fraction!r}")
-        if self.dataset == "mnist" and not self.data_path:
-            raise ValueError(
-                f"{where}.data_path must name MNIST's .npz file or IDX folder for dataset='mnist'"
-            )
-        if self.max_train < 0:
-            raise ValueError(f"{where}.max_train must be >= 0, got {self.max_train!r}")
-
-
-@dataclass
-class VAETask(_DigitsTask):
-    r"""A VAE on binarized digits; ELBO in nats per image on the held-out split."""
-
-    latent_dim: int = 8
-    model_hidden: list[int] = field(default_factory=lambda: [128])
-    elbo_samples: int = 10
-
-    def validate(self, where: str) -> None:
-        super().validate(where)
-        if not self.model_hidden or any(h < 1 for h in self.model_hidden):
-            raise ValueError(
-                f"{where}.model_hidden must be a non-empty list of positive ints, got {self.model_hidden!r}"
-            )
-        _positive(where, latent_dim=self.latent_dim, elbo_samples=self.elbo_samples)
-
-
-@dataclass
-class DDPMTask(_DigitsTask):
-    r"""A DDPM (diffusers' UNet2DModel and DDPMScheduler) on digits, judged by a classifier."""
-
-    block_out_channels: list[int] = field(default_factory=lambda: [16, 32])
-    layers_per_block: int = 1
-    norm_num_groups: int = 8
-    timesteps: int = 1000
-    sample_steps: int = 100  # reverse steps when sampling
-    samples_per_class: int = 100
-    classifier_steps: int = 1500
-
-    def validate(self, where: str) -> None:
-        super().validate(where)
-        if not self.block_out_channels or any(c < 1 for c in self.block_out_channels):
-            raise ValueError(
-                f"{where}.block_out_channels must be a non-empty list of positive ints, got {self.block_out_channels!r}"
-            )
-        _positive(
-            where,
-            layers_per_block=self.layers_per_block,
-            norm_num_groups=self.norm_num_groups,
-            timesteps=self.timesteps,
-            sample_steps=self.sample_steps,
-            samples_per_class=self.samples_per_class,
-            classifier_steps=self.classifier_steps,
-        )
-        if self.sample_steps > self.timesteps:
-            raise ValueError(
-                f"{where}.sample_steps ({self.sample_steps}) must be <= timesteps ({self.timesteps})"
-            )
-
-
-TASKS: dict[str, type] = {"gmm": GMMTask, "flow": FlowTask, "vae": VAETask, "ddpm": DDPMTask}
+def check_sizes(where: str, name: str, value: list[int]) -> None:
+    r"""Raises ``ValueError`` unless ``value`` is a non-empty list of positive ints."""
+    if not value or any(v < 1 for v in value):
+        raise ValueError(f"{where}.{name} must be a non-empty list of positive ints, got {value!r}")
 
 
 @dataclass
 class Config:
     r"""Common fields of every experiment."""
 
-    experiment: Literal["gmm", "flow", "vae", "ddpm"]
+    experiment: str  # a name of experiments.EXPERIMENTS
     out_dir: str
-    task: Any = None  # one of TASKS[experiment]; {} gives its defaults
+    task: Any = None  # EXPERIMENTS[experiment].config; {} gives its defaults
     amortized: bool = False  # train over a family of datasets, evaluate on held-out ones
     seed: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
@@ -202,8 +83,8 @@ class Config:
     hidden_sizes: list[int] = field(default_factory=lambda: [32, 64, 96])
     head: str = "auto"  # "auto" or a name of torchhyper.heads.HEADS
     head_options: dict[str, int] = field(default_factory=dict)  # e.g. {"rank": 64} for a named head
-    base: Literal["learned", "frozen", "none"] = "learned"  # HyperNetwork's base=
-    pool: Literal["mean", "sum", "max", "attention"] = "mean"  # HyperNetwork's pool=
+    base: str = "learned"  # HyperNetwork's base=, one of torchhyper._generator.BASES
+    pool: str = "mean"  # HyperNetwork's pool=, a name of torchhyper.pooling.POOLS
     pool_layers: int = 0  # MLP layers after a mean pool (Deep Sets' rho); 0: the plain pool
     # Under torchrun (experiments/distributed.py): the wrapper, and pooling over all ranks' shares.
     distributed: Literal["ddp", "fsdp2"] = "ddp"
@@ -218,11 +99,8 @@ class Config:
     def validate(self) -> None:
         if not self.out_dir:
             raise ValueError("config.out_dir must be a non-empty path")
-        if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
-            raise ValueError(
-                f"config.hidden_sizes must be a non-empty list of positive ints, got {self.hidden_sizes!r}"
-            )
-        _positive(
+        check_sizes("config", "hidden_sizes", self.hidden_sizes)
+        check_positive(
             "config",
             steps=self.steps,
             batch_size=self.batch_size,
@@ -245,6 +123,10 @@ class Config:
             raise ValueError(f"config: {negative} must be >= 0")
         if self.head not in head_names():
             raise ValueError(f"config.head must be one of {head_names()}, got {self.head!r}")
+        if self.base not in BASES:
+            raise ValueError(f"config.base must be one of {list(BASES)}, got {self.base!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"config.pool must be one of {list(POOLS)}, got {self.pool!r}")
         if self.head_options and self.head == "auto":
             raise ValueError(f"config.head_options needs a named head {list(HEADS)}, not 'auto'")
         if self.pool_layers and self.pool != "mean":
@@ -312,11 +194,18 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         ValueError: Unknown or missing keys, or impossible values.
         TypeError: A value of the wrong type.
     """
-    config = _from_dict(Config, data, "config")
+    from experiments.registry import EXPERIMENTS  # imports every experiment module
+
+    config: Config = _from_dict(Config, data, "config")
+    if config.experiment not in EXPERIMENTS:
+        raise ValueError(
+            f"config.experiment must be one of {list(EXPERIMENTS)}, got {config.experiment!r}"
+        )
+    where = f"config.task ({config.experiment})"
     task = config.task if config.task is not None else {}
-    config.task = _from_dict(TASKS[config.experiment], task, f"config.task ({config.experiment})")
+    config.task = _from_dict(EXPERIMENTS[config.experiment].config, task, where)
     config.validate()
-    config.task.validate(f"config.task ({config.experiment})")
+    config.task.validate(where)
     return config
 
 
@@ -336,8 +225,26 @@ def _parse_override(arg: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    r"""Sets each ``--key=value`` or ``--task.key=value`` of ``overrides`` (values parsed as
+    JSON, else taken as strings) in ``data``, in place; returns ``data``."""
+    for arg in overrides:
+        keys, value = _parse_override(arg)
+        target = data
+        for k in keys[:-1]:
+            target = target.setdefault(k, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"override {arg!r}: {k!r} is not an object")
+        target[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     r"""Loads a JSON config file and applies ``--key=value`` overrides (values parsed as JSON).
+
+    The file holds a config as :func:`config_to_dict` writes it (a run folder's ``config.json``,
+    ``python -m experiments.train RUN --print-config``), or any part of one: omitted fields take
+    their defaults, but ``experiment`` and ``out_dir`` are required.
 
     Raises:
         FileNotFoundError: No such config file.
@@ -355,12 +262,39 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise TypeError(
             f"config file {str(path)!r} must hold a JSON object, got {type(data).__name__}"
         )
-    for arg in overrides:
-        keys, value = _parse_override(arg)
-        target = data
-        for k in keys[:-1]:
-            target = target.setdefault(k, {})
-            if not isinstance(target, dict):
-                raise ValueError(f"override {arg!r}: {k!r} is not an object")
-        target[keys[-1]] = value
-    return config_from_dict(data)
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def load_run(run: str, overrides: Sequence[str] = ()) -> Config:
+    r"""The config of a registered run (one of ``experiments.registry.run_names()``, e.g.
+    ``"gmm_amortized"``), with ``out_dir="runs/<run>"`` and ``--key=value`` overrides.
+
+    Raises:
+        ValueError: No such run, unknown keys or impossible values.
+        TypeError: A value of the wrong type.
+    """
+    from experiments.registry import experiment_of
+
+    return config_from_dict(apply_overrides(experiment_of(run).run_config(run), overrides))
+
+
+def load(source: str, overrides: Sequence[str] = ()) -> Config:
+    r"""The config ``python -m experiments.train SOURCE`` trains: a registered run's (a name of
+    ``experiments.registry.run_names()``), else a JSON config file's (``./NAME`` reads a file
+    named like a run).
+
+    Raises:
+        FileNotFoundError: No such config file (``source`` looks like a path).
+        ValueError: ``source`` is neither a run name nor a file; invalid config or overrides.
+        TypeError: A value of the wrong type.
+    """
+    from experiments.registry import run_names
+
+    if source in run_names():
+        return load_run(source, overrides)
+    path = Path(source)
+    if not path.is_file() and path.suffix != ".json" and len(path.parts) == 1:
+        raise ValueError(
+            f"{source!r} is neither a registered run (one of {run_names()}) nor a JSON config file"
+        )
+    return load_config(path, overrides)

@@ -1,7 +1,7 @@
 r"""The experiments' trainer on several processes: torchrun with DDP or FSDP2, gloo on the CPU,
 nccl on CUDA. The same command with plain ``python`` trains on one process, as before.
 
-    torchrun --standalone --nproc_per_node=2 -m experiments.train experiments/configs/gmm.json \
+    torchrun --standalone --nproc_per_node=2 -m experiments.train gmm \
         --out_dir=runs/gmm2 --distributed=ddp --global_pool=true
 
 What changes with N processes (``config.distributed`` picks ``"ddp"`` or ``"fsdp2"``):
@@ -9,9 +9,9 @@ What changes with N processes (``config.distributed`` picks ``"ddp"`` or ``"fsdp
 * Every rank draws the same sets (one data generator, one seed) and trains the hypernetwork on
   its share of each set's examples, rows ``rank, rank + N, ...`` (``batch_size`` stays the
   global set size). DDP or FSDP2 averages the gradients.
-* ``global_pool=true`` pools each set over all ranks (:class:`~torchhyper.distributed.GlobalMean`
-  and friends), so the run equals a 1-process run on the same sets. By default each rank pools
-  over its own share.
+* ``global_pool=true`` pools each set over all ranks (``torchhyper.distributed``'s global
+  pools, picked in ``train.py``), so the run equals a 1-process run on the same sets. By
+  default each rank pools over its own share.
 * Noise drawn inside losses (VAE samples, diffusion timesteps) comes from a per-rank seed; every
   rank's RNG state goes into the checkpoint, so a resumed run continues exactly.
 * The directly trained baseline, the progress bar, checkpoints, evaluation, plots and metrics
@@ -25,41 +25,31 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from torchhyper.distributed import (
-    GlobalMax,
-    GlobalMean,
-    GlobalSum,
-    Process,
-    full_state_dict,
-    load_full_state_dict,
-    setup,
-)
+from torchhyper.distributed import Process, full_state_dict, setup
+
+if TYPE_CHECKING:
+    from experiments.config import Config
 
 __all__ = [
     "init_processes",
-    "global_pool",
     "local_share",
     "mean_over_ranks",
     "seed_per_rank",
-    "hypernetwork_state",
-    "load_hypernetwork_state",
     "rank_rng_states",
     "set_rank_rng_state",
     "unsharded",
     "barrier",
     "report_failure",
 ]
-
-_GLOBAL_POOLS = {"mean": GlobalMean, "sum": GlobalSum, "max": GlobalMax}
 
 
 def _world() -> tuple[int, int]:
@@ -68,7 +58,7 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_processes(config: Any, device: torch.device) -> Process:
+def init_processes(config: Config, device: torch.device) -> Process:
     r"""Joins the process group when launched by torchrun (else rank 0 of 1), and turns on
     ``config.resume`` when torchrun restarted the workers and a checkpoint exists.
 
@@ -85,11 +75,6 @@ def init_processes(config: Any, device: torch.device) -> Process:
     if restarted and (Path(config.out_dir) / "checkpoint.pt").is_file():
         config.resume = True
     return process
-
-
-def global_pool(name: str) -> nn.Module:
-    r"""The pool over all ranks for ``pool=name`` (mean, sum or max)."""
-    return _GLOBAL_POOLS[name]()
 
 
 def local_share(batch: Tensor) -> Tensor:
@@ -110,28 +95,11 @@ def mean_over_ranks(value: float) -> float:
     return total.item() / world_size
 
 
-def seed_per_rank(config: Any, process: Process) -> None:
+def seed_per_rank(config: Config, process: Process) -> None:
     r"""Reseeds the global RNG of ranks > 0 (after the models are built alike on every rank), so
     that noise drawn inside losses differs between ranks. Rank 0 keeps the 1-process stream."""
     if process.rank:
         torch.manual_seed(config.seed + 1_000_003 * process.rank)
-
-
-def hypernetwork_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    r"""The unsharded state of the (wrapped) hypernetwork and its optimizer; a collective. Only
-    rank 0's is complete."""
-    return full_state_dict(model, optimizer)
-
-
-def load_hypernetwork_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: dict[str, Any]
-) -> None:
-    r"""Loads the hypernetwork and its optimizer from a checkpoint, on every rank."""
-    state = {
-        "model": checkpoint["models"]["hypernetwork"],
-        "optimizer": checkpoint["optimizers"]["hypernetwork"],
-    }
-    load_full_state_dict(model, state, optimizer)
 
 
 def rank_rng_states() -> list[Tensor]:
@@ -154,7 +122,9 @@ def set_rank_rng_state(checkpoint: dict[str, Any]) -> None:
         torch.set_rng_state(states[rank])
 
 
-def unsharded(model: nn.Module, hypernetwork: nn.Module, build: Any) -> nn.Module | None:
+def unsharded(
+    model: nn.Module, hypernetwork: nn.Module, build: Callable[[], nn.Module]
+) -> nn.Module | None:
     r"""The hypernetwork to evaluate on rank 0; a collective under FSDP2.
 
     Under DDP (or one process) it is ``hypernetwork`` itself. FSDP2 gathers shards in every

@@ -1,14 +1,21 @@
-r"""Trains a hypernetwork on one of the four experiments, beside the same downstream trained
-directly, then evaluates both against the ground truth.
+r"""Trains a hypernetwork on one of the registered experiments, beside the same downstream
+trained directly, then evaluates both against the ground truth.
 
-    python -m experiments.train experiments/configs/gmm.json [--key=value ...]
+    python -m experiments.train RUN [--key=value ...]         # a registered run, e.g. gmm
+    python -m experiments.train CONFIG.json [--key=value ...]  # a config file
+    python -m experiments.train RUN --print-config            # its config as JSON; no training
+
+``RUN`` is one of ``experiments.registry.run_names()`` (``gmm``, ``gmm_amortized``, ``flow``,
+...), declared in its experiment's module; its run folder defaults to ``runs/RUN``.
 
 Reads top to bottom: config -> run folder -> task (data, downstream, evaluation) -> models ->
 optimizers -> (resume) -> training loop with checkpoints -> evaluation, plots, metrics.
 
-The run folder (``out_dir``) gets ``config.json`` (the resolved config), ``checkpoint.pt``,
-``metrics.json`` and PNG plots. A non-empty ``out_dir`` is never reused, except with
-``--resume=true``, which continues its run exactly where its last checkpoint left it.
+The run folder (``out_dir``) gets ``config.json`` (the resolved config, itself a config file),
+``checkpoint.pt``, ``metrics.json`` and PNG plots. A non-empty ``out_dir`` is never reused,
+except with ``--resume=true``, which continues its run exactly where its last checkpoint left
+it: ``python -m experiments.train runs/gmm-1/config.json --resume=true``, or the first command
+again with ``--resume=true``.
 """
 
 from __future__ import annotations
@@ -28,13 +35,10 @@ from torch import nn
 from tqdm import tqdm
 
 from experiments.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from experiments.config import Config, config_to_dict, load_config
+from experiments.config import Config, config_to_dict, load
 from experiments.distributed import (
     barrier,
-    global_pool,
-    hypernetwork_state,
     init_processes,
-    load_hypernetwork_state,
     local_share,
     mean_over_ranks,
     rank_rng_states,
@@ -43,15 +47,26 @@ from experiments.distributed import (
     set_rank_rng_state,
     unsharded,
 )
-from experiments.tasks import Task, build_task
+from experiments.registry import build_task, run_names
+from experiments.tasks.base import Task
 from torchhyper import HyperNetwork
-from torchhyper.distributed import cleanup, wrap
+from torchhyper.distributed import (
+    GlobalMax,
+    GlobalMean,
+    GlobalSum,
+    cleanup,
+    full_state_dict,
+    load_full_state_dict,
+    wrap,
+)
 from torchhyper.heads import HEADS
 
 __all__ = ["train", "main"]
 
 # Fields that may differ between a run and its resumption.
 _RESUMABLE = {"resume", "device", "threads", "distributed"}
+# config.pool -> the pool over every rank's share of a set, for global_pool=true.
+GLOBAL_POOLS = {"mean": GlobalMean, "sum": GlobalSum, "max": GlobalMax}
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -115,25 +130,29 @@ class MeanMLP(nn.Module):
         self.mean = mean  # e.g. the mean over every rank's share of the set
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return self.mlp(e.mean(dim=-2) if self.mean is None else self.mean(e))
+        pooled: torch.Tensor = self.mlp(e.mean(dim=-2) if self.mean is None else self.mean(e))
+        return pooled
 
 
 def build_models(
     config: Config, task: Task, device: torch.device
 ) -> tuple[HyperNetwork, nn.ModuleList]:
     r"""The hypernetwork, and one directly trained copy of the downstream per training dataset."""
-    reduce = global_pool(config.pool) if config.global_pool else None  # over every rank's share
+    reduce = GLOBAL_POOLS[config.pool]() if config.global_pool else None  # over every rank's share
+    pool: str | nn.Module
     if config.pool_layers:
         pool = MeanMLP(config.hidden_sizes[-1], config.pool_layers, mean=reduce)
     else:
         pool = config.pool if reduce is None else reduce
-    head = (
-        functools.partial(HEADS[config.head], **config.head_options)
-        if config.head_options
-        else config.head
-    )
+    options: dict[str, Any] = config.head_options  # e.g. {"rank": 64}
+    head = functools.partial(HEADS[config.head], **options) if config.head_options else config.head
     hypernetwork = HyperNetwork(
-        task.input_dim, config.hidden_sizes, task.downstream, head=head, base=config.base, pool=pool
+        task.input_dim,
+        config.hidden_sizes,
+        task.downstream,
+        head=head,
+        base=config.base,  # type: ignore[arg-type]  # a name of BASES (Config.validate)
+        pool=pool,
     )
     direct = nn.ModuleList()
     for _ in range(task.num_datasets):
@@ -159,7 +178,7 @@ def build_optimizers(
 def train_step(
     config: Config,
     task: Task,
-    hypernetwork: HyperNetwork,
+    hypernetwork: nn.Module,  # maybe wrapped (DDP, FSDP2)
     direct: nn.ModuleList,
     optim: dict[str, Any],
     generator: torch.Generator,
@@ -172,18 +191,25 @@ def train_step(
     """
     sets = [task.sample(generator) for _ in range(config.sets_per_step)]
     shares = [local_share(batch) for _, batch in sets]
-    hyper_loss = sum(task.loss(hypernetwork(share), share) for share in shares) / len(sets)
-    losses = {"hypernetwork": hyper_loss}
+    losses = {"hypernetwork": _mean([task.loss(hypernetwork(share), share) for share in shares])}
     if len(direct):
-        losses["direct"] = sum(
-            task.loss(dict(direct[k].named_parameters()), batch) for k, batch in sets
-        ) / len(sets)
+        losses["direct"] = _mean(
+            [task.loss(dict(direct[k].named_parameters()), batch) for k, batch in sets]
+        )
     for name, loss in losses.items():
         optim["optimizers"][name].zero_grad(set_to_none=True)
         loss.backward()
         optim["optimizers"][name].step()
         optim["schedulers"][name].step()
     return {k: v.item() for k, v in losses.items()}
+
+
+def _mean(losses: list[torch.Tensor]) -> torch.Tensor:
+    # sum(losses) / n, as a Tensor for type checkers (0 + the first loss is the first loss)
+    total = losses[0]
+    for loss in losses[1:]:
+        total = total + loss
+    return total / len(losses)
 
 
 def checkpoint_state(
@@ -199,7 +225,7 @@ def checkpoint_state(
     Every rank calls it (the hypernetwork's state is gathered unsharded, whatever the wrapper);
     rank 0's is complete and is the one saved.
     """
-    full = hypernetwork_state(hypernetwork, optim["optimizers"]["hypernetwork"])
+    full = full_state_dict(hypernetwork, optim["optimizers"]["hypernetwork"])  # a collective
     return {
         "step": step,
         "models": {"hypernetwork": full["model"], "direct": direct.state_dict()},
@@ -222,7 +248,11 @@ def restore_state(
     generator: torch.Generator,
 ) -> tuple[int, dict[str, list[float]]]:
     r"""Loads what :func:`checkpoint_state` saved; returns the step and the loss history."""
-    load_hypernetwork_state(hypernetwork, optim["optimizers"]["hypernetwork"], checkpoint)
+    full = {
+        "model": checkpoint["models"]["hypernetwork"],
+        "optimizer": checkpoint["optimizers"]["hypernetwork"],
+    }
+    load_full_state_dict(hypernetwork, full, optim["optimizers"]["hypernetwork"])
     if len(direct):
         direct.load_state_dict(checkpoint["models"]["direct"])
     for k, o in optim["optimizers"].items():
@@ -236,7 +266,8 @@ def restore_state(
 
 
 def train(config: Config) -> dict[str, Any]:
-    r"""Runs one experiment from its config; returns its metrics (also in ``out_dir/metrics.json``)."""
+    r"""Runs one experiment from its config; returns its metrics (also in
+    ``out_dir/metrics.json``)."""
     process = init_processes(
         config, resolve_device(config.device)
     )  # under torchrun: joins the others
@@ -292,6 +323,7 @@ def train(config: Config) -> dict[str, Any]:
     cleanup()
     if not process.is_main:
         return {}  # evaluation, plots and metrics are rank 0's
+    assert evaluated is not None  # rank 0's
     torch.manual_seed(config.seed + 1)  # evaluation draws the same numbers, resumed or not
     evaluated.eval()
     metrics = task.finish(evaluated, direct, history, out)
@@ -306,10 +338,23 @@ def train(config: Config) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = sys.argv[1:] if argv is None else argv
+    r"""The command: trains the config of ``RUN`` or ``CONFIG.json`` with ``--key=value``
+    overrides and returns its metrics; with ``--print-config``, prints the resolved config as
+    JSON (a config file :func:`~experiments.config.load_config` reads back) and returns it."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    print_config = "--print-config" in args
+    args = [a for a in args if a != "--print-config"]
     if not args or args[0].startswith("--"):
-        raise SystemExit("usage: python -m experiments.train CONFIG.json [--key=value ...]")
-    config = load_config(args[0], args[1:])
+        raise SystemExit(
+            "usage: python -m experiments.train RUN|CONFIG.json [--key=value ...] "
+            "[--print-config]\n"
+            f"RUN: one of {run_names()}"
+        )
+    config = load(args[0], args[1:])
+    if print_config:
+        resolved = config_to_dict(config)
+        print(json.dumps(resolved, indent=2))
+        return resolved
     metrics = train(config)
     if metrics:  # rank 0's (other ranks return none)
         print(
@@ -322,3 +367,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    if "LOCAL_RANK" in os.environ:  # launched by torchrun, and done: the group is destroyed
+        # Leave without the interpreter's own teardown. There, gloo's worker threads can still
+        # release tensors and abort the process ("terminate called without an active
+        # exception", SIGABRT), after a clean destroy_process_group: seen in 2-rank FSDP2 runs
+        # here and in CI, about 1 in 50 under load (pytorch/pytorch#179291 describes the cause).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

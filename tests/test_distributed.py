@@ -262,7 +262,7 @@ def test_killed_rank_stops_the_run_then_it_resumes_by_hand_and_with_max_restarts
 
 ROOT = Path(__file__).resolve().parents[1]
 GMM = [
-    str(ROOT / "experiments" / "configs" / "gmm.json"),
+    "gmm",  # a registered run of experiments/tasks/gmm.py
     "--steps=4",
     "--batch_size=64",
     "--task.n_train=64",

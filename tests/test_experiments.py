@@ -1,7 +1,9 @@
 """The experiments' trainer: configs, smoke runs of every experiment, exact resume, refusals."""
 
+import dataclasses
 import gzip
 import importlib.util
+import inspect
 import json
 import shutil
 import sys
@@ -14,11 +16,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments import EXPERIMENTS, registry  # noqa: E402
 from experiments import train as trainer  # noqa: E402
-from experiments.config import load_config  # noqa: E402
+from experiments.config import config_from_dict, config_to_dict, load, load_config, load_run  # noqa: E402
 from experiments.data import load_mnist, read_idx  # noqa: E402
 
-CONFIGS = ROOT / "experiments" / "configs"
 needs_diffusers = pytest.mark.skipif(
     importlib.util.find_spec("diffusers") is None, reason="needs diffusers"
 )
@@ -67,7 +69,7 @@ PLOTS = {"gmm": "gmm.png", "flow": "flow.png", "vae": "vae.png", "ddpm": "ddpm.p
 def run(name: str, out: Path, *extra: str) -> dict:
     return trainer.main(
         [
-            str(CONFIGS / f"{name}.json"),
+            name,
             f"--out_dir={out}",
             "--checkpoint_every=2",
             *TINY[name],
@@ -85,17 +87,54 @@ def write(tmp_path: Path, data: dict) -> Path:
 # Configs ------------------------------------------------------------------------------------
 
 
-def test_every_shipped_config_loads():
-    names = sorted(p.stem for p in CONFIGS.glob("*.json"))
-    assert names == sorted(TINY)
-    for name in names:
-        config = load_config(CONFIGS / f"{name}.json")
-        assert config.hidden_sizes == [32, 64, 96]
+def test_every_run_loads():
+    assert sorted(registry.run_names()) == sorted(TINY)
+    for name in TINY:
+        config = load_run(name)
+        assert config.hidden_sizes == [32, 64, 96] and config.out_dir == f"runs/{name}"
+        assert registry.experiment_of(name).name == config.experiment == name.split("_")[0]
+
+
+def test_a_run_printed_as_json_loads_back_to_the_same_config(tmp_path, capsys):
+    # The runs are declared once, in their experiment's module; --print-config writes one as
+    # a config file, which loads back to the very same config.
+    for name in TINY:
+        printed = trainer.main([name, "--print-config", "--steps=7"])
+        path = tmp_path / f"{name}.json"
+        path.write_text(capsys.readouterr().out)
+        assert json.loads(path.read_text()) == printed
+        assert config_to_dict(load_config(path)) == config_to_dict(load_run(name, ["--steps=7"]))
+        assert config_to_dict(load(str(path))) == printed  # what the command reads
+    assert not (tmp_path / "runs").exists()  # printing trains nothing
+
+    # A config file trains, and its run folder's config.json is again a config file.
+    out = tmp_path / "from-json"
+    trainer.main([str(tmp_path / "gmm.json"), f"--out_dir={out}", *TINY["gmm"]])
+    saved = load_config(out / "config.json")
+    assert config_to_dict(saved) == config_to_dict(
+        load_run("gmm", [f"--out_dir={out}", *TINY["gmm"]])
+    )
+
+    with pytest.raises(ValueError, match=r"'gmm_amortised' is neither a registered run \(one of"):
+        load("gmm_amortised")
+    with pytest.raises(FileNotFoundError, match="config file 'nope.json' does not exist"):
+        load("nope.json")
+
+
+def test_the_registry_lists_every_experiment_with_a_summary():
+    assert list(EXPERIMENTS)[:4] == ["gmm", "flow", "vae", "ddpm"]
+    for name, experiment in EXPERIMENTS.items():
+        assert experiment.name == name
+        assert inspect.getdoc(experiment) and "\n\n" not in experiment.__doc__  # for the docs
+        experiment.config().validate(f"config.task ({name})")  # the defaults are valid
+    assert inspect.getdoc(EXPERIMENTS["gmm"]).startswith("GMM: a hypernetwork reads samples")
+    with pytest.raises(ValueError, match=r"run must be one of \['gmm', 'gmm_amortized'"):
+        load_run("gmm_ammortized")
 
 
 def test_overrides_are_parsed_as_json_and_checked():
-    config = load_config(
-        CONFIGS / "gmm.json",
+    config = load_run(
+        "gmm",
         ["--steps=7", "--out_dir=runs/x", "--task.means=[1, 3]", "--resume=true", "--lr=1"],
     )
     assert (config.steps, config.out_dir, config.task.means, config.resume) == (
@@ -106,7 +145,7 @@ def test_overrides_are_parsed_as_json_and_checked():
     )
     assert config.lr == 1.0 and isinstance(config.lr, float)
     with pytest.raises(ValueError, match="overrides must look like --key=value"):
-        load_config(CONFIGS / "gmm.json", ["--steps", "7"])
+        load_run("gmm", ["--steps", "7"])
 
 
 @pytest.mark.parametrize(
@@ -151,12 +190,14 @@ def test_overrides_are_parsed_as_json_and_checked():
         (
             {"experiment": "gan"},
             ValueError,
-            r"config.experiment must be one of \['gmm', 'flow', 'vae', 'ddpm'\]",
+            r"config.experiment must be one of \['gmm', 'flow', 'vae', 'ddpm'.*\], got 'gan'",
         ),
+        ({"base": "x"}, ValueError, r"config.base must be one of \['learned', 'frozen', 'none'\]"),
+        ({"pool": "median"}, ValueError, r"config.pool must be one of \['mean', 'sum', 'max'"),
     ],
 )
 def test_bad_configs_are_rejected_with_clear_messages(tmp_path, change, error, message):
-    data = json.loads((CONFIGS / "gmm.json").read_text())
+    data = EXPERIMENTS["gmm"].run_config("gmm")
     for key, value in change.items():
         if key == "task" and not set(value) & {"weightz"}:
             data["task"].update(value)
@@ -168,18 +209,122 @@ def test_bad_configs_are_rejected_with_clear_messages(tmp_path, change, error, m
 
 def test_bad_flow_and_digit_task_values(tmp_path):
     with pytest.raises(ValueError, match=r"config.task \(flow\).variances must all be > 0"):
-        load_config(CONFIGS / "flow.json", ["--task.variances=[1,2,3,4,5,6,7,8,9,10,11,-12]"])
+        load_run("flow", ["--task.variances=[1,2,3,4,5,6,7,8,9,10,11,-12]"])
     with pytest.raises(
         ValueError, match=r"model_hidden must be a non-empty list of positive ints, got \[\]"
     ):
-        load_config(CONFIGS / "vae.json", ["--task.model_hidden=[]"])
+        load_run("vae", ["--task.model_hidden=[]"])
     with pytest.raises(ValueError, match=r"data_path must name MNIST's .npz file or IDX folder"):
-        load_config(CONFIGS / "vae.json", ["--task.dataset=mnist"])
+        load_run("vae", ["--task.dataset=mnist"])
     with pytest.raises(FileNotFoundError, match="config file .*nope.json' does not exist"):
         load_config(tmp_path / "nope.json")
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="is not valid JSON"):
         load_config(tmp_path / "broken.json")
+
+
+# Adding an experiment: one module ---------------------------------------------------------------
+
+# A complete experiment, as a new experiments/tasks/line.py would hold it: nothing else names it.
+LINE = '''"""Line: a hypernetwork reads points of a noisy line and generates it, a Linear(1, 1)."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from experiments.config import check_positive
+from experiments.experiment import Experiment, number
+from experiments.tasks.base import Task, within
+
+
+@dataclass
+class LineConfig:
+    slope: float = 1.5
+    noise: float = 0.1
+
+    def validate(self, where):
+        check_positive(where, noise=self.noise)
+
+
+class LineTask(Task):
+    def __init__(self, config, device):
+        self.config, self.downstream = config, nn.Linear(1, 1).requires_grad_(False)
+        self.input_dim, self.num_datasets = 2, 1
+
+    def sample(self, generator):
+        x = torch.rand(self.config.batch_size, 1, generator=generator)
+        noise = self.config.task.noise * torch.randn(x.shape, generator=generator)
+        return 0, torch.cat([x, self.config.task.slope * x + noise], 1)
+
+    def loss(self, params, batch):
+        y = functional_call(self.downstream, params, (batch[:, :1],))
+        return (y - batch[:, 1:]).square().mean()
+
+    def evaluate(self, hypernetwork, direct, history, out):
+        batch = self.sample(torch.Generator().manual_seed(1))[1]
+        with torch.no_grad():
+            hyper = self.loss(hypernetwork(batch), batch).item()
+            fit = self.loss(dict(direct[0].named_parameters()), batch).item()
+        within_10 = within(hyper, fit)
+        return {"mse_hypernetwork": hyper, "mse_direct": fit, "within_10_percent": within_10}
+
+
+def _row(m):
+    return ["Line", "MSE", number(m["mse_hypernetwork"]), number(m["mse_direct"]), "-"]
+
+
+EXPERIMENT = Experiment(
+    "line", LineConfig, LineTask, runs={"line": {"steps": 3, "batch_size": 16}}, row=_row
+)
+'''
+
+
+def test_a_new_experiment_is_one_module(tmp_path, monkeypatch):
+    package = tmp_path / "more_experiments"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helper.py").write_text("X = 1\n")  # no EXPERIMENT: a helper, skipped
+    (package / "line.py").write_text(LINE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = registry.discover("more_experiments")
+    assert list(found) == ["line"]
+    assert found["line"].__doc__.startswith("Line: a hypernetwork reads points")  # for the docs
+    monkeypatch.setattr(registry, "EXPERIMENTS", {**EXPERIMENTS, **found})  # as if in tasks/
+
+    # Its config: the registry's names, its task fields and their validation.
+    config = config_from_dict({"experiment": "line", "out_dir": str(tmp_path / "a")})
+    assert type(config.task).__name__ == "LineConfig" and config.task.slope == 1.5
+    with pytest.raises(ValueError, match=r"config.task \(line\): noise=0.0 must be > 0"):
+        load_run("line", ["--task.noise=0"])
+    with pytest.raises(ValueError, match=r"must be one of \['gmm', .*'line'\], got 'gan'"):
+        config_from_dict({"experiment": "gan", "out_dir": "x"})
+
+    # Built and trained by the trainer's own functions, then by its command, then tabulated.
+    task = registry.build_task(config, torch.device("cpu"))
+    hypernetwork, direct = trainer.build_models(config, task, torch.device("cpu"))
+    optim = trainer.build_optimizers(config, hypernetwork, direct)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        losses = trainer.train_step(config, task, hypernetwork, direct, optim, generator)
+        assert all(np.isfinite(v) for v in losses.values())
+    metrics = trainer.main(["line", f"--out_dir={tmp_path / 'b'}", "--checkpoint_every=2"])
+    assert metrics["experiment"] == "line" and (tmp_path / "b" / "checkpoint.pt").is_file()
+    from experiments import results
+
+    row = results.table({"line": {**metrics, "seconds": 1.0}}).splitlines()[-1]
+    assert row.startswith("| Line | MSE |") and "| 3 | 1 |" in row
+
+
+def test_registry_refuses_clashing_names():
+    gmm = EXPERIMENTS["gmm"]
+    with pytest.raises(
+        ValueError, match="run 'gmm' of experiment 'gmm2' is already a run of 'gmm'"
+    ):
+        registry.registry([gmm, dataclasses.replace(gmm, name="gmm2")])
+    with pytest.raises(ValueError, match="two experiments are named 'gmm'"):
+        registry.registry([gmm, dataclasses.replace(gmm, runs={})])
 
 
 # Smoke runs -----------------------------------------------------------------------------------

@@ -2,8 +2,8 @@ r"""What the trainer needs from an experiment, and helpers the experiments share
 
 A task owns its data, the downstream module (the template whose parameters are generated) and
 its evaluation. The trainer (``experiments/train.py``) owns models, optimizers, the loop and
-checkpoints, and talks to a task only through :class:`Task`'s members: ``downstream``, ``input_dim``,
-``num_datasets``, ``sample``, ``loss`` and ``finish``.
+checkpoints, and talks to a task only through :class:`Task`'s members: ``downstream``,
+``input_dim``, ``num_datasets``, ``sample``, ``loss`` and ``finish``.
 """
 
 from __future__ import annotations
@@ -11,16 +11,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.axes import Axes
 from torch import Tensor, nn
 
-__all__ = ["Task", "describe", "fit_direct", "plot_losses", "within"]
+if TYPE_CHECKING:
+    from experiments.config import Config
+
+History = dict[str, list[float]]
+r"""The training losses per step: ``{"hypernetwork": [...], "direct": [...]}``."""
+
+__all__ = ["History", "Task", "describe", "fit_direct", "plot_losses", "within"]
 
 
 class Task:
@@ -38,6 +44,10 @@ class Task:
     downstream: nn.Module
     input_dim: int
     num_datasets: int
+
+    def __init__(self, config: Config, device: torch.device) -> None:
+        r"""Builds the data and the downstream (on ``device``) for ``config``; ``config.task`` is
+        an instance of the experiment's config dataclass."""
 
     def sample(self, generator: torch.Generator) -> tuple[int, Tensor]:
         r"""One training set: ``(dataset index or -1, batch (B, *))``, drawn with ``generator``."""
@@ -115,7 +125,7 @@ def within(
 
 
 def plot_losses(
-    ax: plt.Axes, history: dict[str, list[float]], *, ylabel: str = "training loss"
+    ax: Axes, history: dict[str, list[float]], *, ylabel: str = "training loss"
 ) -> None:
     r"""Training losses of the hypernetwork and of direct training, smoothed over ~1% of steps."""
     for key, label, color in (("hypernetwork", "hypernetwork", "C0"), ("direct", "direct", "C1")):

@@ -15,8 +15,9 @@ references ("truth").
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 import torch
@@ -24,17 +25,54 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm import tqdm
 
-from experiments.config import Config
-from experiments.tasks.base import Task, plot_losses, within
-from experiments.tasks.digits import DigitSets
+from experiments.config import check_positive, check_sizes
+from experiments.experiment import Experiment, number, percent
+from experiments.tasks.base import History, Task, plot_losses, within
+from experiments.tasks.digits import DigitsConfig, DigitSets
 from experiments.tasks.judge import DigitClassifier, frechet_distance
 from torchhyper import bind
 from torchhyper.zoo import DDPM
 
-__all__ = ["DDPMExperiment"]
+if TYPE_CHECKING:
+    from experiments.config import Config
+
+__all__ = ["EXPERIMENT", "DDPMConfig", "DDPMTask"]
 
 
-class DDPMExperiment(Task):
+@dataclass
+class DDPMConfig(DigitsConfig):
+    r"""A DDPM (diffusers' UNet2DModel and DDPMScheduler) on digits, judged by a classifier."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32])
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    timesteps: int = 1000
+    sample_steps: int = 100  # reverse steps when sampling
+    samples_per_class: int = 100
+    classifier_steps: int = 1500
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        check_sizes(where, "block_out_channels", self.block_out_channels)
+        check_positive(
+            where,
+            layers_per_block=self.layers_per_block,
+            norm_num_groups=self.norm_num_groups,
+            timesteps=self.timesteps,
+            sample_steps=self.sample_steps,
+            samples_per_class=self.samples_per_class,
+            classifier_steps=self.classifier_steps,
+        )
+        if self.sample_steps > self.timesteps:
+            raise ValueError(
+                f"{where}.sample_steps ({self.sample_steps}) must be <= timesteps "
+                f"({self.timesteps})"
+            )
+
+
+class DDPMTask(Task):
+    downstream: DDPM
+
     def __init__(self, config: Config, device: torch.device) -> None:
         t = config.task
         self.config, self.t, self.device = config, t, device
@@ -55,9 +93,12 @@ class DDPMExperiment(Task):
         return k, batch.to(self.device)
 
     def loss(self, params: dict[str, Tensor], batch: Tensor) -> Tensor:
-        return functional_call(self.downstream, params, (batch,)).mean()
+        losses: Tensor = functional_call(self.downstream, params, (batch,))
+        return losses.mean()
 
-    def evaluate(self, hypernetwork, direct: nn.ModuleList, history, out: Path) -> dict[str, Any]:
+    def evaluate(
+        self, hypernetwork: nn.Module, direct: nn.ModuleList, history: History, out: Path
+    ) -> dict[str, Any]:
         images = self.sets.images
         judge = DigitClassifier.fit(
             self.sets.x_train, images.y_train, steps=self.t.classifier_steps, seed=self.config.seed
@@ -99,7 +140,7 @@ class DDPMExperiment(Task):
         self._plot(samples, history, out / "ddpm.png")
         return metrics
 
-    def _plot(self, samples, history, path: Path) -> None:
+    def _plot(self, samples: Any, history: History, path: Path) -> None:
         side = self.sets.images.size
         fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
         real = [self.sets.test(k)[:10] for k in range(len(self.sets))]
@@ -124,3 +165,66 @@ class DDPMExperiment(Task):
         fig.tight_layout()
         fig.savefig(path, dpi=self.config.plot_dpi)
         plt.close(fig)
+
+
+def _row(m: dict[str, Any]) -> list[str]:
+    fraction = "class_fraction_hypernetwork" in m  # amortized: conditioned on a class
+
+    def cell(name: str) -> str:
+        return number(m[f"fd_{name}"]) + (
+            f" / {percent(m[f'class_fraction_{name}'])}" if fraction else ""
+        )
+
+    return [
+        "DDPM (diffusers UNet2DModel + DDPMScheduler)"
+        + (", each digit class a set" if m["amortized"] else ", all training digits"),
+        "Fréchet distance in a digits classifier's features (lower is better)"
+        + (" / fraction of samples of the conditioned class" if fraction else ""),
+        cell("hypernetwork"),
+        cell("direct") + (" (one UNet per class)" if m["amortized"] else ""),
+        f"real train vs held-out: {number(m['fd_truth'])} / classifier accuracy "
+        f"{percent(m['classifier_test_accuracy'])}",
+    ]
+
+
+def _verdict(m: dict[str, Any]) -> str:
+    ok = m["within_10_percent"]
+    if (
+        "class_fraction_hypernetwork" in m
+        and m["class_fraction_hypernetwork"] < 0.9 * m["class_fraction_direct"]
+    ):
+        return "FD: yes; class fraction: **no** (see below)" if ok else "**no** (see below)"
+    return "yes" if ok else "**no** (see below)"
+
+
+EXPERIMENT = Experiment(
+    name="ddpm",
+    config=DDPMConfig,
+    task=DDPMTask,
+    order=3,
+    row=_row,
+    verdict=_verdict,
+    runs={
+        "ddpm": {
+            "threads": 1,
+            "amortized": True,
+            "steps": 3000,
+            "batch_size": 32,
+            "sets_per_step": 2,
+            "hidden_sizes": [32, 64, 96],
+            "lr": 0.001,
+            "direct_lr": 0.001,
+            "checkpoint_every": 500,
+            "task": {
+                "dataset": "digits",
+                "block_out_channels": [16, 32],
+                "layers_per_block": 1,
+                "norm_num_groups": 8,
+                "timesteps": 1000,
+                "sample_steps": 100,
+                "samples_per_class": 100,
+                "classifier_steps": 1500,
+            },
+        }
+    },
+)

@@ -5,17 +5,45 @@ With ``amortized`` false there is one dataset, the whole training split; each st
 draws a class, then ``batch_size`` images of that class (the set the hypernetwork reads). At
 evaluation a dataset's model is generated from all its training images and scored on its
 held-out (test) images.
+
+:class:`DigitsConfig` holds the data fields both experiments' configs share.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
 import torch
 from torch import Tensor
 
-from experiments.config import Config
 from experiments.data import Images, load_images
 
-__all__ = ["DigitSets"]
+if TYPE_CHECKING:
+    from experiments.config import Config
+
+__all__ = ["DigitSets", "DigitsConfig"]
+
+
+@dataclass
+class DigitsConfig:
+    r"""The data fields of ``config.task`` for experiments on digit images."""
+
+    dataset: Literal["digits", "mnist"] = "digits"
+    data_path: str = ""  # for "mnist": an .npz file or a folder of IDX files
+    test_fraction: float = 0.25
+    max_train: int = 0  # use at most this many training images (0: all)
+
+    def validate(self, where: str) -> None:
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"{where}.test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        if self.dataset == "mnist" and not self.data_path:
+            raise ValueError(
+                f"{where}.data_path must name MNIST's .npz file or IDX folder for dataset='mnist'"
+            )
+        if self.max_train < 0:
+            raise ValueError(f"{where}.max_train must be >= 0, got {self.max_train!r}")
 
 
 class DigitSets:
@@ -26,7 +54,7 @@ class DigitSets:
         transform: Maps images ``(N, 1, H, W)`` in [0, 1] to what the downstream takes.
     """
 
-    def __init__(self, config: Config, transform) -> None:
+    def __init__(self, config: Config, transform: Callable[[Tensor], Tensor]) -> None:
         t = config.task
         self.images: Images = load_images(
             t.dataset,

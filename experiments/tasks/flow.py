@@ -15,19 +15,55 @@ log-uniform in ``variance_range``); evaluation uses ``eval_datasets`` held-out G
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from experiments.config import Config
-from experiments.tasks.base import Task, fit_direct, plot_losses, within
+from experiments.config import check_positive, check_range
+from experiments.experiment import Experiment, percent
+from experiments.tasks.base import History, Task, fit_direct, plot_losses, within
 from torchhyper.zoo import AffineFlow
 
-__all__ = ["FlowExperiment"]
+if TYPE_CHECKING:
+    from experiments.config import Config
+
+__all__ = ["EXPERIMENT", "FlowConfig", "FlowTask"]
+
+
+@dataclass
+class FlowConfig:
+    r"""An element-wise affine flow fitted to a Gaussian (the original's: 12-D, mean 1,
+    covariance diag(1..12))."""
+
+    mean: list[float] = field(default_factory=lambda: [1.0] * 12)
+    variances: list[float] = field(default_factory=lambda: [float(i) for i in range(1, 13)])
+    n_train: int = 2000
+    mean_range: list[float] = field(default_factory=lambda: [-3.0, 3.0])
+    variance_range: list[float] = field(default_factory=lambda: [0.5, 12.0])
+    eval_datasets: int = 20
+    direct_steps: int = 1000
+
+    def validate(self, where: str) -> None:
+        if not self.mean or len(self.mean) != len(self.variances):
+            raise ValueError(
+                f"{where}: mean and variances must be non-empty lists of one length, got "
+                f"{len(self.mean)} and {len(self.variances)} entries"
+            )
+        if any(not v > 0 for v in self.variances):
+            raise ValueError(f"{where}.variances must all be > 0, got {self.variances!r}")
+        check_positive(
+            where,
+            n_train=self.n_train,
+            eval_datasets=self.eval_datasets,
+            direct_steps=self.direct_steps,
+        )
+        check_range(where, "mean_range", self.mean_range)
+        check_range(where, "variance_range", self.variance_range, positive=True)
 
 
 def _moments(params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -43,7 +79,7 @@ def _errors(mean: Tensor, var: Tensor, ref_mean: Tensor, ref_var: Tensor) -> tup
     ).item()
 
 
-class FlowExperiment(Task):
+class FlowTask(Task):
     def __init__(self, config: Config, device: torch.device) -> None:
         t = config.task
         self.config, self.t, self.device = config, t, device
@@ -77,7 +113,8 @@ class FlowExperiment(Task):
         return 0, self.data[torch.randperm(len(self.data), generator=generator)[:n]].to(self.device)
 
     def loss(self, params: dict[str, Tensor], batch: Tensor) -> Tensor:
-        return -functional_call(self.downstream, params, (batch,)).mean()
+        log_density: Tensor = functional_call(self.downstream, params, (batch,))
+        return -log_density.mean()
 
     # Evaluation ---------------------------------------------------------------------------
 
@@ -99,8 +136,11 @@ class FlowExperiment(Task):
         )
         return scores
 
-    def evaluate(self, hypernetwork, direct: nn.ModuleList, history, out: Path) -> dict[str, Any]:
+    def evaluate(
+        self, hypernetwork: nn.Module, direct: nn.ModuleList, history: History, out: Path
+    ) -> dict[str, Any]:
         panels = []
+        metrics: dict[str, Any]
         if self.config.amortized:
             gen = torch.Generator().manual_seed(self.config.seed + 2000)
             runs = []
@@ -124,7 +164,7 @@ class FlowExperiment(Task):
                 runs.append(self._score(data, mean, var, fits))
                 if i < 2:
                     panels.append((data, mean, var, fits))
-            metrics: dict[str, Any] = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+            metrics = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
             metrics["eval_datasets"] = self.t.eval_datasets
             metrics["points_per_dataset"] = self.config.batch_size
             metrics["amortization_gap_cov_error_vs_truth"] = (
@@ -136,7 +176,7 @@ class FlowExperiment(Task):
                     "hypernetwork": hypernetwork(self.data.to(self.device)),
                     "direct": dict(direct[0].named_parameters()),
                 }
-            metrics = self._score(self.data, self.mean, self.var, fits)
+            metrics = {**self._score(self.data, self.mean, self.var, fits)}
             panels.append((self.data, self.mean, self.var, fits))
             m, v = _moments(fits["hypernetwork"])
             metrics["recovered_mean_hypernetwork"], metrics["recovered_variances_hypernetwork"] = (
@@ -149,7 +189,7 @@ class FlowExperiment(Task):
         self._plot(panels, history, out / "flow.png")
         return metrics
 
-    def _plot(self, panels, history, path: Path) -> None:
+    def _plot(self, panels: Any, history: History, path: Path) -> None:
         fig, axes = plt.subplots(1, 2 * len(panels) + 1, figsize=(3.2 * (2 * len(panels) + 1), 2.6))
         dims = torch.arange(1, self.dim + 1)
         for i, (data, mean, var, fits) in enumerate(panels):
@@ -172,3 +212,59 @@ class FlowExperiment(Task):
         fig.tight_layout()
         fig.savefig(path, dpi=self.config.plot_dpi)
         plt.close(fig)
+
+
+def _row(m: dict[str, Any]) -> list[str]:
+    def pair(kind: str) -> str:
+        return f"{percent(m[f'mean_error{kind}'])} / {percent(m[f'cov_error{kind}'])}"
+
+    if m["amortized"]:
+        return [
+            "Affine flow, amortized over random 12-D Gaussians; "
+            f"{m['eval_datasets']} held-out, {m['points_per_dataset']} points each",
+            "rel. error vs truth: mean / cov",
+            pair("_vs_truth_hypernetwork"),
+            f"{pair('_vs_truth_direct')} (fitted per dataset)",
+            f"MLE: {pair('_vs_truth_mle')}",
+        ]
+    return [
+        "Affine flow, 12-D Gaussian, mean 1, cov diag(1..12), 2000 points",
+        "rel. error vs analytic MLE: mean / cov",
+        pair("_hypernetwork"),
+        pair("_direct"),
+        f"MLE vs truth: {pair('_vs_truth_mle')}",
+    ]
+
+
+_COMMON = {"threads": 1, "hidden_sizes": [32, 64, 96], "lr": 0.001, "direct_lr": 0.01}
+EXPERIMENT = Experiment(
+    name="flow",
+    config=FlowConfig,
+    task=FlowTask,
+    order=1,
+    row=_row,
+    runs={
+        "flow": {
+            **_COMMON,
+            "amortized": False,
+            "steps": 2000,
+            "batch_size": 2000,
+            "checkpoint_every": 500,
+            "task": {"mean": [1] * 12, "variances": list(range(1, 13)), "n_train": 2000},
+        },
+        "flow_amortized": {
+            **_COMMON,
+            "amortized": True,
+            "steps": 3000,
+            "batch_size": 256,
+            "sets_per_step": 8,
+            "checkpoint_every": 500,
+            "task": {
+                "mean_range": [-3.0, 3.0],
+                "variance_range": [0.5, 12.0],
+                "eval_datasets": 20,
+                "direct_steps": 1000,
+            },
+        },
+    },
+)

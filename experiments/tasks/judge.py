@@ -22,10 +22,12 @@ class DigitClassifier(nn.Module):
         self.out = nn.Linear(64, classes)
 
     def features(self, x: Tensor) -> Tensor:
-        return self.body(x)
+        features: Tensor = self.body(x)
+        return features
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(self.body(x))
+        logits: Tensor = self.out(self.body(x))
+        return logits
 
     @classmethod
     def fit(cls, x: Tensor, y: Tensor, *, steps: int, seed: int) -> DigitClassifier:
@@ -44,8 +46,8 @@ class DigitClassifier(nn.Module):
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
-    r"""The Fréchet distance between Gaussians fitted to features ``a`` ``(N, F)`` and ``b`` ``(M, F)``:
-    ``||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``.
+    r"""The Fréchet distance between Gaussians fitted to features ``a`` ``(N, F)`` and ``b``
+    ``(M, F)``: ``||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``.
 
     References:
         | GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium
