@@ -153,6 +153,7 @@ def build_models(
         head=head,
         base=config.base,  # type: ignore[arg-type]  # a name of BASES (Config.validate)
         pool=pool,
+        standardize=config.standardize,
     )
     direct = nn.ModuleList()
     for _ in range(task.num_datasets):

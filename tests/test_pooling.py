@@ -13,7 +13,7 @@ from torchhyper.pooling import POOLS, MaxPool, MeanPool, Pool, SumPool, register
 
 
 def test_registry_holds_the_built_in_pools():
-    assert list(POOLS) == ["mean", "sum", "max", "attention"]
+    assert list(POOLS) == ["mean", "sum", "max", "moments", "attention"]
     assert POOLS["mean"] is MeanPool and POOLS["attention"] is AttentionPool
     for name, cls in POOLS.items():
         hyper = HyperNetwork(3, [8], nn.Linear(2, 2), pool=name)
@@ -65,7 +65,8 @@ def test_attention_pool_errors():
 
 def test_pool_argument_errors():
     with pytest.raises(
-        ValueError, match=r"pool must be one of \['mean', 'sum', 'max', 'attention'\], a Pool or"
+        ValueError,
+        match=r"pool must be one of \['mean', 'sum', 'max', 'moments', 'attention'\], a Pool or",
     ):
         HyperNetwork(3, [8], nn.Linear(2, 2), pool="median")
     with pytest.raises(TypeError, match=r"a Pool or a callable \(B, H\) -> \(H,\), got int"):

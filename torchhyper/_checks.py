@@ -39,12 +39,13 @@ def module(name: str, value: Any) -> nn.Module:
 
 
 def output_shape(
-    module: Callable[[Tensor], Any], dummy: Tensor, expected: tuple[int, ...], what: str
-) -> None:
+    module: Callable[[Tensor], Any], dummy: Tensor, expected: tuple[int | None, ...], what: str
+) -> torch.Size:
     """Calls ``module`` once on ``dummy`` and checks that it returns a tensor of shape
-    ``expected``, else a ``ValueError`` that starts with ``what`` (a ``TypeError`` if the call
-    raises). The call runs in eval mode (so that nothing is updated, and a pool over several
-    processes stays local) without gradients; training modes are restored in ``finally``."""
+    ``expected`` (``None`` matches any size), else a ``ValueError`` that starts with ``what`` (a
+    ``TypeError`` if the call raises); returns the shape. The call runs in eval mode (so that
+    nothing is updated, and a pool over several processes stays local) without gradients;
+    training modes are restored in ``finally``."""
     modules = list(module.modules()) if isinstance(module, nn.Module) else []
     modes = [m.training for m in modules]
     for m in modules:
@@ -60,6 +61,11 @@ def output_shape(
     finally:
         for m, mode in zip(modules, modes):
             m.training = mode
-    if not isinstance(out, Tensor) or out.shape != expected:
+    if not (
+        isinstance(out, Tensor)
+        and out.dim() == len(expected)
+        and all(e is None or e == n for e, n in zip(expected, out.shape))
+    ):
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"{what}, got {got} from a dummy input of shape {tuple(dummy.shape)}")
+    return out.shape

@@ -21,12 +21,16 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Literal, Union
 
+import torch
 from torch import Tensor, nn
 
-from torchhyper._checks import module, positive_int, positive_ints
+from torchhyper._checks import module, output_shape, positive_int, positive_ints
 from torchhyper._generator import _Generator, _mlp
 from torchhyper.heads import HeadFactory
 from torchhyper.pooling import Pool, _make_pool
+
+# Added to a set's standard deviation: a constant feature stays finite (a set of one reads 0).
+_EPS = 1e-5
 
 __all__ = ["HyperNetwork"]
 
@@ -76,9 +80,24 @@ class HyperNetwork(_Generator):
     then move a weight by about ``scale * lr``: slower than direct training for a bias, faster
     for a dense head's shared part; measured in ``benchmarks/quality.py``.
 
+    Set encoding. Each example is encoded on its own (by the MLP of ``hidden_sizes``, or by your
+    ``encoder`` followed by that MLP), then the pool reduces the set. Two options help when the
+    fit needs the set's scale as well as its location (amortized fits of distributions):
+
+    * ``standardize=True`` standardizes each set's inputs, feature by feature, by the set's own
+      mean and standard deviation before the encoder, and appends that mean and log standard
+      deviation to the pooled embedding (``H + 2 * input_dim`` features), as statistics
+      networks do (Edwards and Storkey 2017). Exact first and second moments reach the head,
+      whatever the encoder resolves.
+    * ``pool="moments"`` (:class:`~torchhyper.pooling.MomentsPool`) pools the mean and the
+      standard deviation of the encodings; ``AttentionPool(H, seeds=k)`` attends with ``k``
+      seed queries (PMA with several seeds, Lee et al. 2019).
+
     Args:
-        input_dim: Features per example, ``x[0].numel()``.
-        hidden_sizes: Widths of the per-example encoder MLP, e.g. ``[32, 64, 96]``.
+        input_dim: Features per example, ``x[0].numel()``; or, with ``encoder``, the shape of
+            one example, e.g. ``(1, 8, 8)`` for images.
+        hidden_sizes: Widths of the per-example encoder MLP, e.g. ``[32, 64, 96]``. With
+            ``encoder``, the widths of an MLP after it; ``[]`` for none.
         downstream: The module whose parameters are generated.
         include: Glob pattern(s) of parameter names to generate; others keep the module's
             own values. Default: all.
@@ -99,6 +118,14 @@ class HyperNetwork(_Generator):
             ``(B, H) -> (H,)`` (an ``nn.Module`` is registered and trained). See
             :mod:`torchhyper.pooling`.
         activation: The encoder's activation module class.
+        encoder: Any module that maps examples ``(N, *example)`` to encodings ``(N, E)``, in
+            place of the MLP's input: a small CNN over images, a frozen text encoder's
+            projection. It is registered (so trained, unless you freeze it); its output shape is
+            checked on a dummy input at construction. Pooling, heads and the per-set and
+            per-sample modes work as with the MLP.
+        standardize: Standardize each set by its own statistics, and append them to the
+            embedding (above). For a set of one (``per_sample``) the standard deviation is 0:
+            the encoder reads zeros and the embedding holds the example itself.
 
     Example:
         >>> downstream = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -119,7 +146,7 @@ class HyperNetwork(_Generator):
 
     def __init__(
         self,
-        input_dim: int,
+        input_dim: int | Sequence[int],
         hidden_sizes: Sequence[int],
         downstream: nn.Module,
         *,
@@ -130,15 +157,39 @@ class HyperNetwork(_Generator):
         init: Literal["default", "downstream"] | None = None,
         pool: Union[str, Pool, Callable[[Tensor], Tensor]] = "mean",
         activation: type[nn.Module] = nn.ReLU,
+        encoder: nn.Module | None = None,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
-        self.input_dim = positive_int("input_dim", input_dim)
-        self.hidden_sizes = sizes = positive_ints("hidden_sizes", hidden_sizes)
+        if isinstance(input_dim, (list, tuple)):
+            self.input_shape = tuple(positive_ints("input_dim", input_dim))
+        else:
+            self.input_shape = (positive_int("input_dim", input_dim),)
+        self.input_dim = math.prod(self.input_shape)
+        self.hidden_sizes = sizes = positive_ints(
+            "hidden_sizes", hidden_sizes, empty=encoder is not None
+        )
         module("downstream", downstream)
-        self.encoder = _mlp(input_dim, sizes, activation)
-        self.pool = _make_pool(pool, sizes[-1])
+        if not isinstance(standardize, bool):
+            raise TypeError(f"standardize must be a bool, got {type(standardize).__name__}")
+        self.standardize = standardize
+        if encoder is None:
+            self.input_shape = (self.input_dim,)  # the MLP reads each example flattened
+            self.encoder: nn.Module = _mlp(self.input_dim, sizes, activation)
+        else:
+            width = _encoder_width(module("encoder", encoder), self.input_shape)
+            self.encoder = nn.Sequential(encoder, _mlp(width, sizes, activation))
+        width = sizes[-1] if sizes else width
+        self.pool = _make_pool(pool, width)
+        if standardize and type(self.pool).local is not Pool.local:
+            raise ValueError(
+                "standardize=True takes the statistics of the set this process holds, so it "
+                f"cannot be combined with {type(self.pool).__name__}, a pool over several "
+                "processes"
+            )
+        features = width + 2 * self.input_dim if standardize else width
         self._build(
-            downstream, sizes[-1], include=include, exclude=exclude, head=head, init=init, base=base
+            downstream, features, include=include, exclude=exclude, head=head, init=init, base=base
         )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -155,8 +206,7 @@ class HyperNetwork(_Generator):
     def embed(self, x: Tensor) -> Tensor:
         r"""Encodes the set ``x`` of shape ``(B, *)`` into one embedding of shape ``(H,)``."""
         self._check_input(x, sets=False)
-        z: Tensor = self.pool(self.encoder(x.reshape(x.shape[0], -1)))
-        return z
+        return self._embed(x, sets=0)
 
     def per_set(self, x: Tensor) -> dict[str, Tensor]:
         r"""Generates one parameter set per set, from a batch of ``S`` sets of ``B`` examples.
@@ -171,8 +221,7 @@ class HyperNetwork(_Generator):
             Parameters of shape ``(S, *shape)``, keyed like ``downstream.named_parameters()``.
         """
         self._check_input(x, sets=True)
-        e = self.encoder(x.reshape(x.shape[0], x.shape[1], -1))
-        return self.generate(self.pool(e))
+        return self.generate(self._embed(x, sets=1))
 
     def per_sample(self, x: Tensor) -> dict[str, Tensor]:
         r"""Generates one parameter set per example: each example is its own set of one.
@@ -197,9 +246,23 @@ class HyperNetwork(_Generator):
             torch.Size([8, 2])
         """
         self._check_input(x, sets=False)
-        e = self.encoder(x.reshape(x.shape[0], -1))
         # Each example is its own set of one, held by this process alone.
-        return self.generate(self.pool.local(e.unsqueeze(-2)))
+        return self.generate(self._embed(x.unsqueeze(1), sets=1, local=True))
+
+    def _embed(self, x: Tensor, *, sets: int, local: bool = False) -> Tensor:
+        """Embeddings ``(*, H)`` of sets ``x`` of shape ``(*, B, *example)``, ``sets = len(*)``."""
+        batch = x.shape[: sets + 1]  # (*, B)
+        flat = x.reshape(*batch, -1)
+        if self.standardize:
+            mean = flat.mean(dim=-2, keepdim=True)
+            std = flat.std(dim=-2, correction=0, keepdim=True)
+            flat = (flat - mean) / (std + _EPS)
+        e = self.encoder(flat.reshape(-1, *self.input_shape))
+        e = e.reshape(*batch, e.shape[-1])
+        z: Tensor = self.pool.local(e) if local else self.pool(e)
+        if self.standardize:
+            z = torch.cat([z, mean.squeeze(-2), (std + _EPS).log().squeeze(-2)], dim=-1)
+        return z
 
     def _check_input(self, x: Tensor, *, sets: bool) -> None:
         if not isinstance(x, Tensor):
@@ -212,6 +275,11 @@ class HyperNetwork(_Generator):
             what = "a non-empty batch of sets" if sets else "a non-empty batch"
             raise ValueError(f"x must be {what} {form}, got shape {tuple(x.shape)}")
         features = math.prod(x.shape[lead:])
+        if len(self.input_shape) > 1 and x.shape[lead:] != self.input_shape:
+            raise ValueError(
+                f"x must have shape {'(S, B, *)' if sets else '(B, *)'} with * == input_dim == "
+                f"{self.input_shape} (the encoder's example shape), got shape {tuple(x.shape)}"
+            )
         if features != self.input_dim:
             shape = "(S, B, *)" if sets else "(B, *)"
             raise ValueError(
@@ -232,3 +300,13 @@ class HyperNetwork(_Generator):
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, {self._generated_repr()}"
+
+
+def _encoder_width(encoder: nn.Module, shape: tuple[int, ...]) -> int:
+    """The width ``E`` of ``encoder``'s encodings ``(N, E)``, from one call on 2 dummy examples."""
+    ref = next(encoder.parameters(), None)
+    dummy = torch.zeros(2, *shape)
+    if ref is not None:
+        dummy = dummy.to(ref.device, ref.dtype if ref.is_floating_point() else None)
+    what = f"encoder must map examples (N, *{shape}) to encodings (N, E)"
+    return output_shape(encoder, dummy, (2, None), what)[1]

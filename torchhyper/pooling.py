@@ -16,7 +16,9 @@ over this process's share of a set only: the two differ only for the pools of
 ``"mean"``         the average (the default); any set size                         none
 ``"sum"``          the sum: keeps the set's size in the embedding (Deep Sets)      none
 ``"max"``          the element-wise maximum                                        none
-``"attention"``    :class:`AttentionPool`: a learned query attends to the set      ``~4 H^2``
+``"moments"``      :class:`MomentsPool`: the mean and the standard deviation,      ``2 H^2``
+                   mixed by a linear layer; keeps the set's spread
+``"attention"``    :class:`AttentionPool`: learned queries attend to the set       ``~4 H^2``
                    (Set Transformer PMA); weighs examples instead of averaging
 a :class:`Pool`    used as it is, e.g. ``AttentionPool(H, heads=2)``               yours
 a callable         any ``(B, H) -> (H,)`` for one set; wrapped once, mapped over   yours
@@ -53,6 +55,7 @@ __all__ = [
     "MeanPool",
     "SumPool",
     "MaxPool",
+    "MomentsPool",
     "AttentionPool",
     "POOLS",
     "register_pool",
@@ -181,6 +184,43 @@ class MaxPool(_Reduction):
         return e.amax(dim=-2)
 
 
+@register_pool("moments")
+class MomentsPool(Pool):
+    r"""The mean and the standard deviation of each feature over the set, mixed by a linear
+    layer: ``(*, B, H) -> (*, H)``.
+
+    A mean pools locations; what a fit often needs as well is the set's spread (its variances,
+    its mixture's width). The standard deviation is ``sqrt(var + 1e-6)``, smooth at 0 (a set of
+    one). At init the output is the mean plus a small random mix of the deviations.
+
+    Args:
+        in_features: The encoding width ``H``.
+
+    References:
+        | Deep Sets (Zaheer et al., 2017): sums of feature maps, of which moments are one
+        | choice. https://arxiv.org/abs/1703.06114
+    """
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.in_features = positive_int("in_features", in_features)
+        self.mix = nn.Linear(2 * in_features, in_features)
+        with torch.no_grad():  # start as the mean, plus a small mix of the deviations
+            self.mix.weight[:, :in_features] = torch.eye(in_features)
+            self.mix.weight[:, in_features:].mul_(0.1)
+            self.mix.bias.zero_()
+
+    def forward(self, e: Tensor) -> Tensor:
+        _expect_sets(self, e, self.in_features)
+        mean = e.mean(dim=-2)
+        std = (e.var(dim=-2, correction=0) + 1e-6).sqrt()
+        out: Tensor = self.mix(torch.cat([mean, std], dim=-1))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}"
+
+
 @register_pool("attention")
 class AttentionPool(Pool):
     r"""Pooling by multihead attention (PMA of the Set Transformer) with one learned seed query.
@@ -191,12 +231,15 @@ class AttentionPool(Pool):
     ``a = LN(s + MHA(s, E, E))``, output ``LN(a + relu(W_f a + b_f))``.
 
     Softmax attention over the set is invariant to the order of its examples and takes any set
-    size; a single query returns one embedding of the same width ``H``.
+    size; a single query returns one embedding of the same width ``H``. With ``seeds = k > 1``
+    (PMA_k), ``k`` queries attend to the set, each to what it learns to pick out, and a linear
+    layer mixes their ``k`` outputs back to ``H``.
 
     Args:
         in_features: The encoding width ``H``.
         heads: Attention heads; must divide ``in_features``. Default: 4, 2 or 1, the largest
             that divides it.
+        seeds: The number ``k`` of seed queries.
 
     Example:
         >>> pool = AttentionPool(64)
@@ -210,9 +253,10 @@ class AttentionPool(Pool):
         | Networks (Lee et al., 2019). https://arxiv.org/abs/1810.00825
     """
 
-    def __init__(self, in_features: int, *, heads: int | None = None) -> None:
+    def __init__(self, in_features: int, *, heads: int | None = None, seeds: int = 1) -> None:
         super().__init__()
         width = positive_int("in_features", in_features)
+        self.seeds = positive_int("seeds", seeds)
         if heads is None:
             heads = next(h for h in (4, 2, 1) if width % h == 0)
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or width % heads:
@@ -222,25 +266,29 @@ class AttentionPool(Pool):
         self.in_features = width
         self.heads = heads
         self.encode = nn.Sequential(nn.Linear(width, width), nn.ReLU())
-        self.seed = nn.Parameter(torch.randn(width) / width**0.5)
+        self.seed = nn.Parameter(torch.randn(seeds, width) / width**0.5)
         self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
         self.norm1 = nn.LayerNorm(width)
         self.feedforward = nn.Sequential(nn.Linear(width, width), nn.ReLU())
         self.norm2 = nn.LayerNorm(width)
+        self.mix = nn.Linear(seeds * width, width) if seeds > 1 else None
 
     def forward(self, e: Tensor) -> Tensor:
         _expect_sets(self, e, self.in_features)
         batch = e.shape[:-2]
         sets = e.reshape(-1, *e.shape[-2:])  # (S, B, H)
         keys = self.encode(sets)
-        query = self.seed.expand(sets.shape[0], 1, self.in_features)
+        query = self.seed.expand(sets.shape[0], self.seeds, self.in_features)
         attended = self.attention(query, keys, keys, need_weights=False)[0]
         a = self.norm1(query + attended)
-        out: Tensor = self.norm2(a + self.feedforward(a))
+        out: Tensor = self.norm2(a + self.feedforward(a)).flatten(-2)  # (S, k H)
+        if self.mix is not None:
+            out = self.mix(out)
         return out.reshape(*batch, self.in_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, heads={self.heads}"
+        seeds = f", seeds={self.seeds}" if self.seeds > 1 else ""
+        return f"in_features={self.in_features}, heads={self.heads}{seeds}"
 
 
 class _SetFunction(Pool):
