@@ -386,7 +386,7 @@ def test_pool_callable_and_errors():
     torch.testing.assert_close(hyper(x)["weight"], hyper(x[:1])["weight"])
     with pytest.raises(
         ValueError,
-        match=r"pool must be one of \['mean', 'sum', 'max', 'moments', 'attention'\], a Pool or a callable",
+        match=r"pool must be one of \['mean', 'sum', 'max', 'moments', 'attention'\], a Pool",
     ):
         HyperNetwork(3, [8], nn.Linear(2, 2), pool="median")
 
