@@ -103,9 +103,13 @@ def test_features_that_carry_the_spread_beat_the_mean_pool():
 
 def test_standardize_appends_the_sets_statistics():
     hyper = HyperNetwork(D, [8], Gaussian(), standardize=True)
-    assert hyper.norm.normalized_shape == (8 + 2 * D,)
     x = torch.randn(5, D) * 3 + 2
     z = hyper.embed(x)
+    assert z.shape == (8 + 2 * D,)
+    # The head reads the statistics as they are: only the encodings are layer-normalized.
+    normed = hyper.norm(z)
+    torch.testing.assert_close(normed[8:], z[8:])
+    torch.testing.assert_close(normed[:8], nn.functional.layer_norm(z[:8], (8,)))
     torch.testing.assert_close(z[8 : 8 + D], x.mean(0))
     torch.testing.assert_close(z[8 + D :], (x.std(0, correction=0) + 1e-5).log())
     # Any affine change of the set moves only the statistics, not the encoder's input.

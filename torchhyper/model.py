@@ -191,6 +191,8 @@ class HyperNetwork(_Generator):
         self._build(
             downstream, features, include=include, exclude=exclude, head=head, init=init, base=base
         )
+        if standardize:  # the statistics reach the head as they are, not mixed by a LayerNorm
+            self.norm = _PartNorm(width)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         r"""Generates one set of downstream parameters from the set ``x``.
@@ -300,6 +302,19 @@ class HyperNetwork(_Generator):
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, {self._generated_repr()}"
+
+
+class _PartNorm(nn.Module):
+    """A LayerNorm over the first ``width`` features; the rest pass unchanged."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def forward(self, z: Tensor) -> Tensor:
+        head, rest = z[..., : self.width], z[..., self.width :]
+        normed = nn.functional.layer_norm(head, (self.width,))
+        return torch.cat([normed, rest], dim=-1)
 
 
 def _encoder_width(encoder: nn.Module, shape: tuple[int, ...]) -> int:
