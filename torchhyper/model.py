@@ -304,17 +304,16 @@ class HyperNetwork(_Generator):
         return f"input_dim={self.input_dim}, {self._generated_repr()}"
 
 
-class _PartNorm(nn.Module):
+class _PartNorm(nn.LayerNorm):
     """A LayerNorm over the first ``width`` features; the rest pass unchanged."""
 
     def __init__(self, width: int) -> None:
-        super().__init__()
+        super().__init__(width, elementwise_affine=False)
         self.width = width
 
     def forward(self, z: Tensor) -> Tensor:
         head, rest = z[..., : self.width], z[..., self.width :]
-        normed = nn.functional.layer_norm(head, (self.width,))
-        return torch.cat([normed, rest], dim=-1)
+        return torch.cat([super().forward(head), rest], dim=-1)
 
 
 def _encoder_width(encoder: nn.Module, shape: tuple[int, ...]) -> int:
