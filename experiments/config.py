@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from torchhyper._generator import BASES
 from torchhyper.heads import HEADS, head_names
+from torchhyper.heads.build import _head_options
 from torchhyper.pooling import POOLS
 
 __all__ = [
@@ -130,6 +131,13 @@ class Config:
             raise ValueError(f"config.pool must be one of {list(POOLS)}, got {self.pool!r}")
         if self.head_options and self.head == "auto":
             raise ValueError(f"config.head_options needs a named head {list(HEADS)}, not 'auto'")
+        options = _head_options(HEADS[self.head]) if self.head_options else None
+        unknown = sorted(set(self.head_options) - set(options)) if options is not None else []
+        if unknown:
+            raise ValueError(
+                f"config.head_options has unknown keys {unknown} for head {self.head!r}; its "
+                f"options are {options}"
+            )
         if self.pool_layers and self.pool != "mean":
             raise ValueError(f"config.pool_layers > 0 needs pool='mean', got pool={self.pool!r}")
         if self.global_pool and self.pool not in ("mean", "sum", "max"):

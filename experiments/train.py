@@ -8,14 +8,25 @@ trained directly, then evaluates both against the ground truth.
 ``RUN`` is one of ``experiments.registry.run_names()`` (``gmm``, ``gmm_amortized``, ``flow``,
 ...), declared in its experiment's module; its run folder defaults to ``runs/RUN``.
 
-Reads top to bottom: config -> run folder -> task (data, downstream, evaluation) -> models ->
-optimizers -> (resume) -> training loop with checkpoints -> evaluation, plots, metrics.
+Reads top to bottom: config -> run folder checked -> task (data, downstream, evaluation) ->
+models -> optimizers -> (resume) -> run folder claimed -> training loop with checkpoints ->
+evaluation, plots, metrics.
 
 The run folder (``out_dir``) gets ``config.json`` (the resolved config, itself a config file),
-``checkpoint.pt``, ``metrics.json`` and PNG plots. A non-empty ``out_dir`` is never reused,
-except with ``--resume=true``, which continues its run exactly where its last checkpoint left
-it: ``python -m experiments.train runs/gmm-1/config.json --resume=true``, or the first command
-again with ``--resume=true``.
+``checkpoint.pt`` (which records the config too), ``metrics.json`` and PNG plots. A non-empty
+``out_dir`` is never reused, except
+
+* with ``--resume=true``, which continues its run exactly where its last checkpoint left it:
+  ``python -m experiments.train runs/gmm-1/config.json --resume=true``, or the first command
+  again with ``--resume=true``; a checkpoint written by another run (another config) is refused;
+* by the same run when it stopped before its first checkpoint (the folder holds its
+  ``config.json`` alone): the run starts over. So ``torchrun --max-restarts`` recovers at any
+  moment: it resumes from the last checkpoint, or starts over.
+
+The folder is made and ``config.json`` written only once the run has started (its data, models
+and checkpoint loaded): a run that fails at start-up leaves nothing behind. Every file is
+written atomically (:func:`~experiments.checkpoint.write_atomic`); a full disk stops the run
+with a message that says so, the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -34,7 +45,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from experiments.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from experiments.checkpoint import (
+    check_config,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_atomic,
+)
 from experiments.config import Config, config_to_dict, load
 from experiments.distributed import (
     barrier,
@@ -70,14 +88,54 @@ GLOBAL_POOLS = {"mean": GlobalMean, "sum": GlobalSum, "max": GlobalMax}
 
 
 def write_json(path: Path, data: Any) -> None:
-    r"""Writes JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    r"""Writes JSON atomically (:func:`~experiments.checkpoint.write_atomic`)."""
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode(), path.name)
 
 
-def prepare_out_dir(config: Config) -> Path:
-    r"""Creates the run folder, or checks that a resumed run's config matches the saved one."""
+# What a run folder holds before the run's first checkpoint: its config, and maybe the
+# temporary file of a write that was cut short.
+_STARTED = {"config.json", "config.json.tmp", "checkpoint.pt.tmp"}
+
+
+def _changed(saved: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
+    """The fields of two resolved configs that differ, but for those a resumed run may change."""
+    return sorted(
+        k
+        for k in set(saved) | set(resolved)
+        if k not in _RESUMABLE and saved.get(k) != resolved.get(k)
+    )
+
+
+def _saved_config(out: Path) -> dict[str, Any] | None:
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def started_only(out: Path) -> bool:
+    r"""Whether ``out`` holds a run that stopped before its first checkpoint: its
+    ``config.json`` and nothing else of value (see ``_STARTED``)."""
+    if not out.is_dir():
+        return False
+    names = {p.name for p in out.iterdir()}
+    return "config.json" in names and names <= _STARTED
+
+
+def check_out_dir(config: Config) -> Path:
+    r"""Checks, before anything is built or written, that the run may use its folder.
+
+    A new run takes a folder that is absent or empty, or that holds the start of the same run
+    (its ``config.json`` alone: a run that stopped before its first checkpoint, which starts
+    over). A resumed run takes the folder of a run with the same config (but for
+    ``_RESUMABLE``). Writes nothing: :func:`claim_out_dir` does, once the run has started.
+
+    Raises:
+        FileExistsError: A new run's folder holds anything else.
+        FileNotFoundError: A resumed run's folder has no ``config.json``.
+        ValueError: A resumed run's config differs from the saved one.
+    """
     out = Path(config.out_dir)
     resolved = config_to_dict(config)
     if config.resume:
@@ -87,24 +145,49 @@ def prepare_out_dir(config: Config) -> Path:
                 f"cannot resume: {str(saved_path)!r} does not exist (no run in {str(out)!r})"
             )
         saved = json.loads(saved_path.read_text())
-        changed = sorted(
-            k
-            for k in set(saved) | set(resolved)
-            if k not in _RESUMABLE and saved.get(k) != resolved.get(k)
-        )
+        changed = _changed(saved, resolved)
         if changed:
             raise ValueError(
                 f"cannot resume the run in {str(out)!r}: its config differs in {changed}; "
                 f"only {sorted(_RESUMABLE)} may change when resuming"
             )
         return out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(
-            f"out_dir {str(out)!r} already exists and is not empty; choose a new out_dir, or pass "
-            "--resume=true to continue the run saved there"
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out_dir {str(out)!r} exists and is not a folder; choose a new one")
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if names - (_STARTED - {"config.json"}):  # more than what a cut-short write leaves
+        saved = _saved_config(out) if started_only(out) else None
+        if saved is not None and not _changed(saved, resolved):
+            # This very run, stopped before its first checkpoint (a torchrun restart, or by
+            # hand): nothing to lose, it starts over.
+            print(
+                f"{str(out)!r} holds this run, stopped before its first checkpoint: it starts over",
+                file=sys.stderr,
+            )
+            return out
+        detail = (
+            f" (it holds only the config.json of a run that stopped before its first "
+            f"checkpoint, with another config: differs in {_changed(saved, resolved)})"
+            if saved is not None
+            else ""
         )
+        raise FileExistsError(
+            f"out_dir {str(out)!r} already exists and is not empty{detail}; choose a new "
+            "out_dir, or pass --resume=true to continue the run saved there"
+        )
+    return out
+
+
+def claim_out_dir(config: Config) -> Path:
+    r"""Makes the run folder and writes the resolved ``config.json`` (a resumed run keeps its
+    own); removes the temporary files of writes that a stopped run cut short. Call
+    :func:`check_out_dir` first."""
+    out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", resolved)
+    for name in _STARTED - {"config.json"}:
+        (out / name).unlink(missing_ok=True)
+    if not config.resume:
+        write_json(out / "config.json", config_to_dict(config))
     return out
 
 
@@ -220,14 +303,18 @@ def checkpoint_state(
     optim: dict[str, Any],
     history: dict[str, list[float]],
     generator: torch.Generator,
+    *,
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    r"""Everything a resumed run needs to continue bit-identically after ``step`` steps.
+    r"""Everything a resumed run needs to continue bit-identically after ``step`` steps, and
+    the resolved ``config`` of the run it belongs to.
 
     Every rank calls it (the hypernetwork's state is gathered unsharded, whatever the wrapper);
     rank 0's is complete and is the one saved.
     """
     full = full_state_dict(hypernetwork, optim["optimizers"]["hypernetwork"])  # a collective
     return {
+        "config": config,
         "step": step,
         "models": {"hypernetwork": full["model"], "direct": direct.state_dict()},
         "optimizers": {
@@ -272,8 +359,9 @@ def train(config: Config) -> dict[str, Any]:
     process = init_processes(
         config, resolve_device(config.device)
     )  # under torchrun: joins the others
-    out = prepare_out_dir(config) if process.is_main else Path(config.out_dir)
+    out = check_out_dir(config) if process.is_main else Path(config.out_dir)  # writes nothing
     barrier()
+    resolved = config_to_dict(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = process.device
@@ -289,9 +377,24 @@ def train(config: Config) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(config.seed)  # draws the training sets
     history: dict[str, list[float]] = {k: [] for k in optim["optimizers"]}
     first = 0
-    if config.resume:
-        checkpoint = load_checkpoint(out / "checkpoint.pt", map_location=device)
-        first, history = restore_state(checkpoint, model, direct, optim, generator)
+    path = out / "checkpoint.pt"
+    if config.resume and not path.is_file() and started_only(out):
+        # Stopped before its first checkpoint (a torchrun restart, or by hand): start over.
+        if process.is_main:
+            print(f"no checkpoint in {str(out)!r} yet: the run starts over", file=sys.stderr)
+    elif config.resume:
+        checkpoint = load_checkpoint(path, map_location=device)
+        check_config(checkpoint, path, resolved, _RESUMABLE)
+        try:
+            first, history = restore_state(checkpoint, model, direct, optim, generator)
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"checkpoint {str(path)!r} does not fit this run's models (written by another "
+                f"version or architecture?); start a new run in a new out_dir. {error}"
+            ) from error
+    if process.is_main:
+        claim_out_dir(config)  # the run has started: its folder and config.json
+    barrier()
 
     bar = tqdm(
         range(first, config.steps),
@@ -310,7 +413,9 @@ def train(config: Config) -> dict[str, Any]:
                 history[k].append(v)
             bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-                state = checkpoint_state(step + 1, model, direct, optim, history, generator)
+                state = checkpoint_state(
+                    step + 1, model, direct, optim, history, generator, config=resolved
+                )
                 if process.is_main:
                     save_checkpoint(out / "checkpoint.pt", state)
     bar.close()

@@ -3,7 +3,7 @@ r"""Argument checks shared by the public constructors: one wording for every mes
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,50 @@ def module(name: str, value: Any) -> nn.Module:
     if not isinstance(value, nn.Module):
         raise TypeError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
     return value
+
+
+def activation(name: str, value: Any) -> Callable[[], nn.Module]:
+    """``value`` if it is an ``nn.Module`` class (``nn.ReLU``) or a factory that builds one with
+    no arguments (``functools.partial(nn.LeakyReLU, 0.2)``), else a ``TypeError`` that says what
+    to pass instead: the class, not an instance (``nn.ReLU()``) or a name (``"relu"``)."""
+    if isinstance(value, type):
+        if issubclass(value, nn.Module):
+            return value
+        raise TypeError(
+            f"{name} must be an nn.Module class such as nn.ReLU, got the class {value.__name__}, "
+            "which is not an nn.Module"
+        )
+    if isinstance(value, nn.Module):
+        cls = type(value).__name__
+        raise TypeError(
+            f"{name} must be an nn.Module class such as nn.ReLU, not an instance: pass "
+            f"{name}={cls}, not {name}={cls}() (one instance is built per layer)"
+        )
+    if isinstance(value, str):
+        known = {
+            n.lower(): n
+            for n, c in vars(nn).items()
+            if isinstance(c, type) and issubclass(c, nn.Module)
+        }
+        hint = f"nn.{known[value.lower()]}" if value.lower() in known else "nn.ReLU"
+        raise TypeError(
+            f"{name} must be an nn.Module class such as nn.ReLU, got the string {value!r}: "
+            f"pass the class, e.g. {name}={hint}"
+        )
+    built: Any = None
+    if callable(value):
+        try:
+            built = value()
+        except Exception:  # noqa: BLE001 - reported below: what was passed, what is needed
+            built = None
+    if not isinstance(built, nn.Module):
+        shown = getattr(value, "__name__", None) or type(value).__name__
+        raise TypeError(
+            f"{name} must be an nn.Module class such as nn.ReLU (or a factory that builds one "
+            f"with no arguments), got {shown}: for a function like torch.relu pass its module, "
+            "e.g. nn.ReLU"
+        )
+    return cast(Callable[[], nn.Module], value)
 
 
 def output_shape(

@@ -9,6 +9,7 @@ maps to parameters of shape ``(*, *shape)``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal, Union
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from torchhyper._checks import module
+from torchhyper._record import _SHOWN, _few, _Recorded
 from torchhyper._spec import _describe, _lazy_names, _select
 from torchhyper.heads.build import _make_head
 from torchhyper.heads.head import HeadFactory
@@ -30,14 +32,36 @@ BASES = ("learned", "frozen", "none")
 _CENTER_RATE = 0.01
 
 
-class _Generator(nn.Module):
+class _Generator(_Recorded):
     r"""Base class: ``generate(z)`` maps embeddings ``(*, H)`` to downstream parameters.
 
-    Subclasses build their embedding modules first, then call :meth:`_build`.
+    Subclasses check their arguments and the downstream (:func:`_check_downstream`) before they
+    build anything, then build their embedding modules, then call :meth:`_build`.
+
+    Dtypes. Each tensor is generated in the dtype its downstream tensor had at construction
+    (``float16``, ``bfloat16``, ``float32`` or ``float64``), so that ``functional_call`` gets
+    what the downstream computes in. The hypernetwork computes in the wider of that dtype and
+    PyTorch's default: ``float32`` for a ``float16`` or ``bfloat16`` downstream (its weights, base
+    and optimizer stay in full precision; the result is cast), ``float64`` for a ``float64``
+    downstream (the hypernetwork is then built in ``float64``: its base holds the downstream's
+    values exactly, and it reads ``float64`` inputs). Convert the downstream *before* building
+    the hypernetwork. Complex, integer and meta-device parameters, and TorchScript modules, are
+    refused at construction.
+
+    State dict. ``state_dict()`` records what is generated, the names and shapes, under
+    ``_extra_state``. ``load_state_dict`` checks it, and every key and shape, before it writes
+    anything: a state dict saved for another downstream (weights for a ``(3, 4)`` tensor loaded
+    into a hypernetwork that generates ``(4, 3)``), or with other keys or shapes, raises a
+    ``RuntimeError`` that lists every difference and leaves the hypernetwork as it was. With
+    ``strict=False`` the record is not compared (load the matching parts, e.g. the encoder, of
+    a hypernetwork built for another downstream); shapes still are. A state dict without the
+    record (saved by an older torchhyper) loads after the checks of keys and shapes, with a
+    warning.
     """
 
     names: list[str]
     shapes: list[torch.Size]
+    dtypes: list[torch.dtype]
     numels: list[int]
     numel: int
     init: str
@@ -60,33 +84,9 @@ class _Generator(nn.Module):
         base: Literal["learned", "frozen", "none"],
     ) -> None:
         """Describes the downstream and builds the norm, base, head and gains."""
-        module("downstream", downstream)
-        if base not in BASES:
-            raise ValueError(f"base must be one of {list(BASES)}, got {base!r}")
-        if init not in (None, "default", "downstream"):
-            raise ValueError(f"init must be 'default' or 'downstream', got {init!r}")
-        if base == "none" and init == "downstream":
-            raise ValueError(
-                "init='downstream' needs a base: use base='frozen' (or 'learned') to start at "
-                "the downstream's current values"
-            )
-        if base != "none" and init == "default":
-            raise ValueError(
-                f"init='default' draws every tensor from PyTorch's default init and needs "
-                f"base='none'; base={base!r} starts at the downstream's current values"
-            )
-        lazy = _lazy_names(downstream)
-        if lazy:
-            raise ValueError(
-                f"the downstream has uninitialized lazy parameters {lazy}: run one forward "
-                "pass of the downstream on an example input before building the hypernetwork"
-            )
-        all_names = [n for n, _ in downstream.named_parameters()]
-        if not all_names:
-            raise ValueError(
-                f"the downstream {type(downstream).__name__} has no parameters to generate"
-            )
-        names = _select(all_names, include, exclude)
+        names = _check_downstream(
+            downstream, include=include, exclude=exclude, init=init, base=base
+        )
         params = dict(downstream.named_parameters())
 
         self.base = base
@@ -95,6 +95,10 @@ class _Generator(nn.Module):
         self.shapes = [params[n].shape for n in names]
         self.numels = [params[n].numel() for n in names]
         self.numel = sum(self.numels)
+        self.dtypes = [params[n].dtype for n in names]
+        # The dtype the hypernetwork computes in (see the class docstring).
+        default = torch.get_default_dtype()
+        dtype = functools.reduce(torch.promote_types, self.dtypes, default)
 
         # Gives the head an embedding of zero mean and unit variance, whatever the input scale.
         self.norm = nn.LayerNorm(in_features, elementwise_affine=False)
@@ -108,11 +112,13 @@ class _Generator(nn.Module):
             self.register_buffer("scale", torch.tensor([s.scale for s in specs]))
             self.register_buffer("offset", torch.tensor([s.offset for s in specs]))
             self.bases = None
+            if dtype != default:
+                self.to(dtype)
             return
         # A base in weight units, at the downstream's current values: Adam on it moves every
         # weight as training the downstream directly would. The head adds a conditioned update,
         # zero at init, on the centered embedding.
-        values = [params[n].detach().to("cpu", torch.float32, copy=True) for n in names]
+        values = [params[n].detach().to("cpu", dtype, copy=True) for n in names]
         self.bases = nn.ParameterList(
             [nn.Parameter(v, requires_grad=base == "learned") for v in values]
         )
@@ -121,6 +127,8 @@ class _Generator(nn.Module):
         self.register_buffer("scale", torch.tensor([_spread(v) for v in values]))
         self.register_buffer("center", torch.zeros(in_features))
         self.register_buffer("center_calls", torch.zeros((), dtype=torch.long))
+        if dtype != default:
+            self.to(dtype)  # the modules built so far, in the default dtype
 
     def generate(self, z: Tensor) -> dict[str, Tensor]:
         r"""Maps embeddings ``(*, H)`` to parameters of shape ``(*, *shape)`` each.
@@ -129,7 +137,8 @@ class _Generator(nn.Module):
             z: Embeddings, ``(*, H)``; ``*`` may be empty (one parameter set) or a batch.
 
         Returns:
-            The generated parameters, keyed and ordered like ``downstream.named_parameters()``.
+            The generated parameters, keyed and ordered like ``downstream.named_parameters()``,
+            each in the dtype of its downstream tensor.
         """
         z = self.norm(z)
         batch = z.shape[:-1]
@@ -139,7 +148,8 @@ class _Generator(nn.Module):
             bases = [b.view(-1) for b in self.bases]
             values = self.head.assemble(self._centered(z), bases, self.scale, self.gain)
         return {
-            name: v.view(batch + shape) for name, v, shape in zip(self.names, values, self.shapes)
+            name: v.view(batch + shape).to(dtype)
+            for name, v, shape, dtype in zip(self.names, values, self.shapes, self.dtypes)
         }
 
     def _centered(self, z: Tensor) -> Tensor:
@@ -162,6 +172,78 @@ class _Generator(nn.Module):
             f"generated={len(self.names)} tensors ({self.numel} values), base={self.base!r}, "
             f"trained={own} ({own / self.numel:.3g}x generated)"
         )
+
+
+def _check_downstream(
+    downstream: nn.Module,
+    *,
+    include: str | list[str] | None,
+    exclude: str | list[str] | None,
+    init: Literal["default", "downstream"] | None,
+    base: Literal["learned", "frozen", "none"],
+) -> list[str]:
+    """Checks ``downstream`` and the options that say what is generated from it; returns the
+    names to generate. Changes nothing and draws no random numbers, so that a constructor can
+    call it before it builds anything (:meth:`_Generator._build` calls it again)."""
+    module("downstream", downstream)
+    if isinstance(downstream, torch.jit.ScriptModule):
+        raise TypeError(
+            f"downstream is a TorchScript module ({type(downstream).__name__}): "
+            "torch.func.functional_call cannot replace its parameters, so nothing generated "
+            "could be applied to it; pass the nn.Module itself, before torch.jit.script or "
+            "torch.jit.trace"
+        )
+    if base not in BASES:
+        raise ValueError(f"base must be one of {list(BASES)}, got {base!r}")
+    if init not in (None, "default", "downstream"):
+        raise ValueError(f"init must be 'default' or 'downstream', got {init!r}")
+    if base == "none" and init == "downstream":
+        raise ValueError(
+            "init='downstream' needs a base: use base='frozen' (or 'learned') to start at "
+            "the downstream's current values"
+        )
+    if base != "none" and init == "default":
+        raise ValueError(
+            f"init='default' draws every tensor from PyTorch's default init and needs "
+            f"base='none'; base={base!r} starts at the downstream's current values"
+        )
+    lazy = _lazy_names(downstream)
+    if lazy:
+        raise ValueError(
+            f"the downstream has uninitialized lazy parameters {lazy}: run one forward "
+            "pass of the downstream on an example input before building the hypernetwork"
+        )
+    params = dict(downstream.named_parameters())
+    if not params:
+        raise ValueError(
+            f"the downstream {type(downstream).__name__} has no parameters to generate"
+        )
+    on_meta = [n for n, p in params.items() if p.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"downstream parameters {_few(on_meta)} are on the meta device (they hold no "
+            "values), but the hypernetwork starts from the downstream's values (its base, or "
+            "with base='none' their statistics): materialize the downstream first, e.g. "
+            "downstream.to_empty(device='cpu'), then initialize it or load its weights"
+        )
+    names = _select(list(params), include, exclude)
+    not_real = [n for n in names if not params[n].is_floating_point()]
+    if not_real:
+        shown = ", ".join(f"{n} ({params[n].dtype})" for n in not_real[:_SHOWN])
+        complex_ = any(params[n].is_complex() for n in not_real)
+        raise TypeError(
+            f"downstream parameters to generate must be real floating point, got {shown}"
+            + (" ..." if len(not_real) > _SHOWN else "")
+            + (
+                ": a complex tensor would be generated as real, losing its imaginary part. "
+                "Hold it as a real parameter of shape (*, 2) (torch.view_as_real) and rebuild "
+                "it in forward (torch.view_as_complex), or"
+                if complex_
+                else ":"
+            )
+            + f" leave them to the module with exclude={not_real[:_SHOWN]!r}"
+        )
+    return names
 
 
 def _mlp(in_features: int, sizes: Sequence[int], activation: type[nn.Module]) -> nn.Sequential:

@@ -15,8 +15,9 @@ from typing import Literal, Union, cast
 import torch
 from torch import Tensor, nn
 
+from torchhyper._checks import activation as _activation
 from torchhyper._checks import positive_int, positive_ints
-from torchhyper._generator import _Generator, _mlp
+from torchhyper._generator import _check_downstream, _Generator, _mlp
 from torchhyper.heads import HeadFactory
 
 __all__ = ["EmbeddingHyperNetwork", "output_regularizer"]
@@ -37,6 +38,13 @@ class EmbeddingHyperNetwork(_Generator):
     update from the id's embedding minus the running mean of the embeddings) suits ids drawn
     together, as in multi-task training.
 
+    As for :class:`~torchhyper.HyperNetwork`: each tensor is generated in its downstream
+    tensor's dtype (the hypernetwork computes in ``float32`` for a ``float16`` or ``bfloat16``
+    downstream, in ``float64`` for a ``float64`` one); complex, integer and meta-device
+    parameters and TorchScript modules are refused at construction, before anything is built;
+    the state dict records the names and shapes it generates, and ``load_state_dict`` checks
+    them, and every key and shape, before it writes anything.
+
     Args:
         num_embeddings: How many ids: valid ids are ``0 .. num_embeddings - 1``.
         embedding_dim: Width of each id's learned embedding.
@@ -49,7 +57,8 @@ class EmbeddingHyperNetwork(_Generator):
         base: ``"none"`` (the default here), ``"learned"`` or ``"frozen"``, as for
             :class:`~torchhyper.HyperNetwork`.
         init: Follows ``base``, as for :class:`~torchhyper.HyperNetwork`.
-        activation: The MLP's activation module class.
+        activation: The MLP's activation: an ``nn.Module`` class such as ``nn.ReLU`` (not an
+            instance or a name), or a factory that builds one with no arguments.
 
     Example:
         >>> downstream = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 1))
@@ -79,9 +88,12 @@ class EmbeddingHyperNetwork(_Generator):
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
+        # Every argument is checked before anything is built (or a random number drawn).
         self.num_embeddings = positive_int("num_embeddings", num_embeddings)
         self.embedding_dim = positive_int("embedding_dim", embedding_dim)
         self.hidden_sizes = sizes = positive_ints("hidden_sizes", hidden_sizes, empty=True)
+        _activation("activation", activation)
+        _check_downstream(downstream, include=include, exclude=exclude, init=init, base=base)
         self.embedding = nn.Embedding(num_embeddings, embedding_dim)
         self.encoder = _mlp(embedding_dim, sizes, activation)
         width = sizes[-1] if sizes else embedding_dim

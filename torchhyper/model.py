@@ -24,8 +24,9 @@ from typing import Literal, Union
 import torch
 from torch import Tensor, nn
 
+from torchhyper._checks import activation as _activation
 from torchhyper._checks import module, output_shape, positive_int, positive_ints
-from torchhyper._generator import _Generator, _mlp
+from torchhyper._generator import _check_downstream, _Generator, _mlp
 from torchhyper.heads import HeadFactory
 from torchhyper.pooling import Pool, _make_pool
 
@@ -80,6 +81,13 @@ class HyperNetwork(_Generator):
     then move a weight by about ``scale * lr``: slower than direct training for a bias, faster
     for a dense head's shared part; measured in ``benchmarks/quality.py``.
 
+    Dtypes. Each tensor is generated in its downstream tensor's dtype; the hypernetwork
+    computes in float32 for a float16/bfloat16 downstream and in float64 for a float64 one
+    (built in float64; an ``encoder`` or pool you pass is converted with it). Convert the
+    downstream before building. Complex, integer and meta parameters and ScriptModules are
+    refused. The state dict records the generated names and shapes; ``load_state_dict`` checks
+    them, and every key and shape, before it writes anything.
+
     Set encoding. Each example is encoded on its own (by the MLP of ``hidden_sizes``, or by your
     ``encoder`` followed by that MLP), then the pool reduces the set. Two options help when the
     fit needs the set's scale as well as its location (amortized fits of distributions):
@@ -117,7 +125,8 @@ class HyperNetwork(_Generator):
             ``"attention"``), a :class:`~torchhyper.pooling.Pool`, or a callable
             ``(B, H) -> (H,)`` (an ``nn.Module`` is registered and trained). See
             :mod:`torchhyper.pooling`.
-        activation: The encoder's activation module class.
+        activation: The encoder's activation: an ``nn.Module`` class such as ``nn.ReLU`` (not
+            an instance or a name), or a factory that builds one with no arguments.
         encoder: Any module that maps examples ``(N, *example)`` to encodings ``(N, E)``, in
             place of the MLP's input: a small CNN over images, a frozen text encoder's
             projection. It is registered (so trained, unless you freeze it); its output shape is
@@ -169,7 +178,8 @@ class HyperNetwork(_Generator):
         self.hidden_sizes = sizes = positive_ints(
             "hidden_sizes", hidden_sizes, empty=encoder is not None
         )
-        module("downstream", downstream)
+        _activation("activation", activation)
+        _check_downstream(downstream, include=include, exclude=exclude, init=init, base=base)
         if not isinstance(standardize, bool):
             raise TypeError(f"standardize must be a bool, got {type(standardize).__name__}")
         self.standardize = standardize

@@ -11,8 +11,10 @@ r"""Helpers that put generated parameters into a downstream module, by name.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,7 +42,10 @@ def _check(
     names: list[str],
     require_all: bool,
     check_dtype: bool,
+    check_copy: bool = False,
 ) -> None:
+    """Checks ``params`` against ``module``: every name, then every shape, dtype and (with
+    ``check_copy``, for an in-place copy) layout and device, reporting all offenders at once."""
     if not isinstance(params, Mapping):
         raise TypeError(f"{argument} must be a dict of name -> Tensor, got {type(params).__name__}")
     unexpected = [k for k in params if k not in names]
@@ -71,6 +76,94 @@ def _check(
         ]
         if dtypes:
             raise TypeError(f"{argument} has wrong dtypes: " + "; ".join(dtypes))
+    if check_copy:
+        # What copy_ cannot do: read a value with no data, or a sparse one, or write into a
+        # parameter with no data (on meta, a copy does nothing at all).
+        bad = [
+            f"{k}: the value is on the meta device (no data to copy)"
+            for k, v in params.items()
+            if v.is_meta and not reference[k].is_meta
+        ]
+        bad += [
+            f"{k}: the value has layout {v.layout}, expected torch.strided"
+            for k, v in params.items()
+            if v.layout != torch.strided
+        ]
+        bad += [
+            f"{k}: the module's parameter is on the meta device (nothing to copy into); "
+            "materialize the module first, e.g. module.to_empty(device='cpu')"
+            for k, v in params.items()
+            if reference[k].is_meta
+        ]
+        if bad:
+            raise ValueError(
+                f"{argument} cannot be copied into {type(module).__name__}: " + "; ".join(bad)
+            )
+
+
+@dataclass
+class _Entry:
+    """One bind's hold on a slot."""
+
+    token: object  # the bind
+    value: Tensor  # what it put there
+    thread: int
+    disturbed: bool = False  # another thread bound the slot while this bind was active
+
+
+@dataclass
+class _Bound:
+    """The binds active on one slot (a key of a module's ``_parameters`` or ``_buffers``)."""
+
+    table: dict[str, Any]
+    original: Any  # what the slot held before the first of them
+    stack: list[_Entry] = field(default_factory=list)  # in the order they entered
+
+
+# Every slot that an active bind holds, by (id(table), attr); guarded by _LOCK. Each entry holds
+# its table, so the id stays that of a live dict while the entry exists.
+_ACTIVE: dict[tuple[int, str], _Bound] = {}
+_LOCK = threading.Lock()
+
+
+def _enter(token: object, table: dict[str, Any], attr: str, value: Tensor) -> None:
+    thread = threading.get_ident()
+    with _LOCK:
+        bound = _ACTIVE.setdefault((id(table), attr), _Bound(table, table[attr]))
+        for entry in bound.stack:
+            entry.disturbed |= entry.thread != thread
+        bound.stack.append(_Entry(token, value, thread))
+        table[attr] = value
+
+
+def _exit(token: object, table: dict[str, Any], attr: str) -> str | None:
+    """Undoes bind ``token``'s last hold on one slot; returns what went wrong, or None.
+
+    In order (the last bind to enter exits first) the slot gets back what it held before. Out
+    of order (another bind entered since, and is still active), the slot is left to that bind,
+    which on its exit restores what this one would have: the module ends with its own tensors.
+    """
+    with _LOCK:
+        key = (id(table), attr)
+        bound = _ACTIVE[key]
+        place = max(i for i, e in enumerate(bound.stack) if e.token is token)
+        entry = bound.stack.pop(place)
+        last = place == len(bound.stack)
+        below = bound.stack[-1].value if bound.stack else bound.original
+        if not bound.stack:
+            del _ACTIVE[key]
+        if not last:
+            return (
+                "another bind entered after this one and is still active (binds must exit in "
+                "the reverse order of entering)"
+            )
+        if table.get(attr) is not entry.value:
+            # Assigned inside the body (module.weight = ...): the assignment is left in place.
+            return "it was assigned inside the body, and is left as assigned"
+        table[attr] = below
+        if entry.disturbed:
+            return "another thread bound it while this bind was active"
+        return None
 
 
 @contextmanager
@@ -80,7 +173,15 @@ def bind(module: nn.Module, params: Mapping[str, Tensor]) -> Iterator[nn.Module]
     Any method of the module then runs with these tensors in place of its own, and gradients
     flow back into them (and so into a hypernetwork that generated them). Tied parameters are
     bound under their one name. The original tensors are restored on exit, also when the body
-    raises.
+    raises. Binds nest: an inner one restores the outer one's tensors.
+
+    Not thread-safe: the module is one object, so two threads that bind it at once each run
+    with whichever tensors were bound last. Use :func:`torch.func.functional_call` (thread-safe
+    for ``forward``), or one copy of the module per thread. Interleaving is detected on exit: a
+    bind that another thread's bind of the same slot overlapped, that exits out of order, or
+    whose slot was assigned inside the body raises a ``RuntimeError`` naming the slots (its body
+    may have run with other tensors), and the module is never left holding a bound tensor: it
+    gets its own tensors back when the last bind exits.
 
     Args:
         module: The downstream module.
@@ -91,6 +192,8 @@ def bind(module: nn.Module, params: Mapping[str, Tensor]) -> Iterator[nn.Module]
 
     Raises:
         ValueError: Unknown names, or wrong shapes.
+        RuntimeError: On exit: a bind of the same slots from another thread overlapped this
+            one, or a bound slot was assigned inside the body.
 
     Example:
         >>> from torchhyper import HyperNetwork
@@ -111,24 +214,36 @@ def bind(module: nn.Module, params: Mapping[str, Tensor]) -> Iterator[nn.Module]
     _check(
         module, params, argument="params", names=list(slots), require_all=False, check_dtype=False
     )
-    saved: list[tuple[dict[str, Any], str, Tensor]] = []
+    token = object()  # this bind, in the slots' stacks
+    entered: list[tuple[dict[str, Any], str, str]] = []
     try:
         for name, value in params.items():
             for slot in slots[name]:
-                table = slot.table
-                saved.append((table, slot.attr, table[slot.attr]))
-                table[slot.attr] = value
+                _enter(token, slot.table, slot.attr, value)
+                entered.append((slot.table, slot.attr, slot.name))
         yield module
     finally:
-        for table, attr, original in reversed(saved):
-            table[attr] = original
+        problems = []
+        for table, attr, name in reversed(entered):
+            problem = _exit(token, table, attr)
+            if problem:
+                problems.append(f"{name}: {problem}")
+        if problems:
+            raise RuntimeError(
+                f"bind({type(module).__name__}) was not the only one to change the module while "
+                f"it was active (bind is not thread-safe): {'; '.join(problems)}. The body may "
+                "have run with other tensors than those bound; the module gets its own back when "
+                "the last bind exits. Use torch.func.functional_call, or one module per thread."
+            )
 
 
 def load_params(module: nn.Module, params: Mapping[str, Tensor], *, strict: bool = True) -> None:
     r"""Copies ``params`` into ``module``'s parameters in place, matched by name.
 
-    All names are checked before anything is written: every unexpected name, and with
-    ``strict`` every missing one, is reported at once, and so are wrong shapes and dtypes.
+    Atomic: every name, shape, dtype, layout and device is checked before the first write,
+    so that a failure leaves the module as it was. Every unexpected name, and with ``strict``
+    every missing one, is reported at once, and so are wrong shapes, dtypes and values that
+    cannot be copied (on the meta device, sparse, or into a parameter on the meta device).
 
     Args:
         module: The module to write into.
@@ -136,11 +251,19 @@ def load_params(module: nn.Module, params: Mapping[str, Tensor], *, strict: bool
         strict: Require every parameter of the module to be present.
 
     Raises:
-        ValueError: Unknown or missing names, or wrong shapes.
+        ValueError: Unknown or missing names, wrong shapes, or values that cannot be copied.
         TypeError: Wrong dtypes, or values that are not tensors.
     """
     names = [n for n, _ in module.named_parameters()]
-    _check(module, params, argument="params", names=names, require_all=strict, check_dtype=True)
+    _check(
+        module,
+        params,
+        argument="params",
+        names=names,
+        require_all=strict,
+        check_dtype=True,
+        check_copy=True,
+    )
     targets = dict(module.named_parameters())
     with torch.no_grad():
         for name, value in params.items():

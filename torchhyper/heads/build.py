@@ -4,6 +4,7 @@ r"""Building ``head=``: the ``"auto"`` policy (:func:`auto_head`), names and fac
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Sequence
 from typing import Union
 
@@ -93,6 +94,16 @@ def summary(hypernetwork: nn.Module) -> str:
         + f"generated: {numel:,} values in {tensors} tensors\n"
         f"trained parameters: {total:,} ({total / numel:.3g}x generated): {detail}"
     )
+
+
+def _head_options(head: type[Head]) -> list[str] | None:
+    """The keyword options of a head class beyond ``(in_features, shapes)``, e.g. ``["rank"]``
+    for :class:`LoRAHead`; ``None`` if it takes any (``**kwargs``)."""
+    parameters = list(inspect.signature(head).parameters.values())[2:]
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in keyword]
 
 
 def _make_head(
