@@ -1,16 +1,33 @@
 """Core checks that do not belong in unit tests: init scale on a deep MLP, a fused head against
-one Linear per tensor, and torch.compile(fullgraph=True) on the core path (training mode, with
-the running mean of the embeddings updated in the compiled graph).
+one Linear per tensor, torch.compile(fullgraph=True) on the core path (training mode, with
+the running mean of the embeddings updated in the compiled graph), and the cost of building a
+hypernetwork for a large downstream.
 
-    python benchmarks/core.py            # about a minute on 2 CPU cores
+    python benchmarks/core.py            # a few minutes on 2 CPU cores
     python benchmarks/core.py --no-compile
+    python benchmarks/core.py --only construction --baseline /tmp/before   # before / after
+
+Construction: each measurement runs in a fresh subprocess (Linux). It builds the downstream
+(GPT-2 124 M from ``GPT2Config()``, never downloaded; a module of 10,000 two-value tensors),
+returns freed memory to the system (``malloc_trim``), resets the peak resident set size
+(``/proc/self/clear_refs``), builds ``HyperNetwork(8, [32], downstream, base=...)`` and reports
+its wall time and the peak (``VmHWM``) minus the resident size before: the memory that building
+adds at its peak, which tracemalloc cannot see (torch allocates outside Python). ``--baseline``
+takes a directory that holds another version's ``torchhyper`` package (``git archive HEAD
+torchhyper | tar -x -C /tmp/before``); both run interleaved, round by round, medians of
+``--rounds``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -117,15 +134,105 @@ def compiled() -> None:
             raise SystemExit(f"compiled {head} hypernetwork differs from eager by {err}")
 
 
+class TwoValueTensors(nn.Module):
+    """5,000 ``Linear(1, 2)``: 10,000 two-value tensors, each with a PyTorch reset."""
+
+    def __init__(self, layers: int = 5000) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(1, 2) for _ in range(layers))
+
+
+def _gpt2_124m() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config())
+
+
+DOWNSTREAMS = {"gpt2-124m": _gpt2_124m, "10k-two-value": TwoValueTensors}
+
+
+def _status(field: str) -> int:
+    """A field of /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def construction_child(downstream_name: str, base: str) -> None:
+    torch.manual_seed(0)
+    downstream = DOWNSTREAMS[downstream_name]()
+    size = sum(p.numel() * p.element_size() for p in downstream.parameters())
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident set size (VmHWM) to the current one
+    start, cpu = time.perf_counter(), time.process_time()
+    HyperNetwork(8, [32], downstream, base=base)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    extra = _status("VmHWM") - before
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "extra": extra, "size": size}))
+
+
+def construction(baseline: str | None, rounds: int) -> None:
+    versions = {"this": None} if baseline is None else {"before": baseline, "this": None}
+    cases = [(d, b) for d in DOWNSTREAMS for b in ("learned", "none")]
+    results: dict[tuple[str, str, str], list[dict[str, float]]] = {}
+    for _ in range(rounds):  # interleaved: every version and case once per round
+        for version, path in versions.items():
+            for d, b in cases:
+                env = dict(os.environ)
+                if path is not None:
+                    env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")])
+                out = subprocess.run(
+                    [sys.executable, __file__, "--construction-child", d, b],
+                    capture_output=True, text=True, check=True, env=env,
+                )  # fmt: skip
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                results.setdefault((version, d, b), []).append(result)
+    threads = torch.get_num_threads()
+    print(f"\n## Building HyperNetwork(8, [32], downstream), CPU, {threads} threads\n")
+    print(
+        f"Medians of {rounds} interleaved rounds, each in a fresh process. CPU time is the "
+        "process's, all threads (wall time rises with other load on the machine; CPU time less)."
+        "\n"
+    )
+    print("| downstream | base | version | wall (s) | CPU (s) | extra peak memory | / model size |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for d, b in cases:
+        for version in versions:
+            runs = results[(version, d, b)]
+            seconds = statistics.median(r["seconds"] for r in runs)
+            cpu = statistics.median(r["cpu"] for r in runs)
+            extra = statistics.median(r["extra"] for r in runs)
+            size = runs[0]["size"]
+            ratio = f"{extra / size:.2f}x" if size >= 2**20 else "-"  # a tiny module: moot
+            print(
+                f"| {d} ({size / 2**20:,.1f} MiB) | {b} | {version} | {seconds:.2f} | {cpu:.2f} "
+                f"| {extra / 2**20:,.0f} MiB | {ratio} |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--only", choices=["construction"], default=None)
+    parser.add_argument("--baseline", default=None, help="a directory with another torchhyper")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--construction-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    init_scale()
-    fused_vs_per_tensor()
-    if not args.no_compile:
-        compiled()
+    if args.construction_child:
+        construction_child(*args.construction_child)
+        return
+    if args.only is None:
+        torch.set_num_threads(1)
+        init_scale()
+        fused_vs_per_tensor()
+        if not args.no_compile:
+            compiled()
+        torch.set_num_threads(os.cpu_count() or 1)
+    construction(args.baseline, args.rounds)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 from downstreams import CASES, IDS, Case
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
 
 from torchhyper import HyperNetwork, per_sample_call, vmap_compatible
@@ -24,10 +25,15 @@ def stacked_inputs(case: Case) -> tuple:
 
 
 def loop(module: nn.Module, params: dict, inputs: tuple) -> object:
-    outs = [
-        functional_call(module, {k: v[i] for k, v in params.items()}, tuple(a[i] for a in inputs))
-        for i in range(B)
-    ]
+    # The attention kernel that per_sample_call's vmap uses (vmap_compatible forces the math
+    # one): the comparison is of the batching, not of two kernels' rounding.
+    with sdpa_kernel([SDPBackend.MATH]):
+        outs = [
+            functional_call(
+                module, {k: v[i] for k, v in params.items()}, tuple(a[i] for a in inputs)
+            )
+            for i in range(B)
+        ]
     flat = [tree_flatten(o) for o in outs]
     return [torch.stack(parts) for parts in zip(*(f[0] for f in flat))]
 
@@ -319,3 +325,35 @@ def test_cached_plan_follows_module_changes():
     module.register_forward_hook(lambda m, a, y: calls.append(y.shape))  # a container hook: vmap
     torch.testing.assert_close(per_sample_call(module, params, x), loop(module, params, (x,))[0])
     assert calls[0] == torch.Size([2])
+
+
+def _switches():
+    from torch.nn.modules import module as m
+
+    return (
+        torch.backends.mha.get_fastpath_enabled(),
+        torch.backends.cuda.flash_sdp_enabled(),
+        torch.backends.cuda.mem_efficient_sdp_enabled(),
+        len(m._global_forward_pre_hooks),
+    )
+
+
+@pytest.mark.parametrize("order", ["first-in-first-out", "last-in-first-out"])
+def test_vmap_compatible_blocks_that_overlap_restore_the_switches(order):
+    """Two blocks that overlap (as two threads would) share the process-wide switches: they
+    stay on while either is inside, and the last one out restores what the first one found."""
+    before = _switches()
+    first, second = vmap_compatible(), vmap_compatible()
+    first.__enter__()
+    inside = _switches()
+    assert inside[0] is False and inside[1] is False and inside[3] == before[3] + 1
+    second.__enter__()
+    leaving = [first, second] if order == "first-in-first-out" else [second, first]
+    leaving[0].__exit__(None, None, None)
+    assert _switches() == inside  # the other block is still inside
+    leaving[1].__exit__(None, None, None)
+    assert _switches() == before
+    with pytest.raises(RuntimeError, match="body"):
+        with vmap_compatible():
+            raise RuntimeError("body")
+    assert _switches() == before

@@ -372,3 +372,20 @@ def test_a_slot_assigned_inside_bind_is_reported_and_left_as_assigned():
         with bind(module, {"weight": torch.ones(2, 2)}):
             module.weight = replacement
     assert module.weight is replacement
+
+
+def test_a_downstream_that_cannot_be_copied_warns_why_its_statistics_are_its_values():
+    import threading
+
+    class Locked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+            self.lock = threading.Lock()  # not deep-copyable
+
+        def forward(self, x):
+            return self.linear(x)
+
+    with pytest.warns(UserWarning, match=r"Locked cannot be copied \(TypeError: .*lock"):
+        hyper = HyperNetwork(4, [8], Locked(), base="none")
+    assert hyper(torch.randn(5, 4))["linear.weight"].shape == (2, 3)

@@ -72,11 +72,11 @@ class HyperNetwork(_Generator):
 
     Full generation (``base="none"``). Each generated tensor is ``offset + scale * gain * h``,
     with ``h`` the head's raw values of unit variance at init. ``offset`` and ``scale`` are the
-    mean and std of the tensor under PyTorch's default init of the downstream, measured at
-    construction, so that generated weights start at the scale the downstream's own init gives
-    them, layer by layer (the goal of hyperfan init, Chang et al. 2020). The learned per-tensor
+    mean and std of the tensor under the downstream's own init, measured at construction (see
+    ``torchhyper._spec``), so that generated weights start at the scale that init gives them,
+    layer by layer (the goal of hyperfan init, Chang et al. 2020). The learned per-tensor
     ``gain`` separates each tensor's magnitude from the head, as in the magnitude-invariant
-    parametrizations of Ortiz et al. 2023. Tensors PyTorch sets to constants (norm scales, zero
+    parametrizations of Ortiz et al. 2023. Tensors set to constants (norm scales, zero
     shifts) start with a ``gain`` of 0, so exactly at their constants. Adam's steps in ``h``
     then move a weight by about ``scale * lr``: slower than direct training for a bias, faster
     for a dense head's shared part; measured in ``benchmarks/quality.py``.
@@ -117,7 +117,7 @@ class HyperNetwork(_Generator):
             ``(in_features, shapes) -> module``.
         base: ``"learned"`` (a trained copy of the downstream's values, plus the head's
             update), ``"frozen"`` (a fixed copy, plus the update) or ``"none"`` (the head
-            generates every value, at the statistics of PyTorch's default init).
+            generates every value, at the statistics of the downstream's own init).
         init: Kept for compatibility, and follows ``base``: ``"downstream"`` with a base,
             ``"default"`` with ``base="none"``; any other pairing is an error.
         pool: How the per-example encodings ``(B, H)`` become one ``(H,)``: a name of

@@ -18,18 +18,22 @@ statistics, exactly as the loop does, so outputs and gradients equal the loop's.
 statistics are updated once per call (``num_batches_tracked`` += 1) with the average over samples
 of each sample's batch statistics; a loop would instead update them ``B`` times in sequence.
 
-diffusers and attention. diffusers' UNet blocks normalize transposed views with ``GroupNorm``,
-which ``vmap`` cannot run, and PyTorch's fused attention fast path has no derivative under
-``vmap``. :func:`vmap_compatible` fixes both for the body of a ``with`` block, without touching
-the user's modules; :func:`per_sample_call` enters it around its ``vmap`` fallback, so UNets and
-attention work there as they are.
+diffusers, transformers and attention. diffusers' UNet blocks normalize transposed views with
+``GroupNorm``, which ``vmap`` cannot run; PyTorch's fused attention fast path and the fused
+(flash) kernels of ``scaled_dot_product_attention`` have no derivative under ``vmap``.
+:func:`vmap_compatible` fixes these for the body of a ``with`` block, without touching the user's
+modules; :func:`per_sample_call` enters it around its ``vmap`` fallback, so UNets, transformers
+models and attention work there as they are. What cannot be batched is reported as a
+``ValueError`` that names the cause and the fix: a forward whose control flow reads a batched
+input (transformers' code that builds an attention mask: pass a mask that all samples share in
+``shared``, or a 4-D mask) and outputs that are not tensors (a cache: ``use_cache`` is ``False``
+unless given).
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -38,7 +42,9 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
 from torchhyper._fast_layers import _FAST, _Context, _Handler
+from torchhyper._kwargs import _explain_vmap_error, _takes_use_cache
 from torchhyper._names import _walk
+from torchhyper._vmap import _contiguous_input, vmap_compatible
 
 __all__ = ["per_sample_call", "vmap_compatible"]
 
@@ -48,6 +54,8 @@ def per_sample_call(
     params: Mapping[str, Tensor],
     args: Tensor | tuple[Any, ...] = (),
     kwargs: dict[str, Any] | None = None,
+    *,
+    shared: Mapping[str, Any] | None = None,
 ) -> Any:
     r"""Runs ``downstream`` once per parameter set, as one batched call.
 
@@ -62,19 +70,26 @@ def per_sample_call(
     from ``params`` keep the module's own values, shared by all samples. See the module
     docstring for the fast paths and the BatchNorm policy.
 
+    A forward that takes ``use_cache`` (transformers models) runs with ``use_cache=False``
+    unless it is given: a cache is per-call state, which ``vmap`` cannot return.
+
     Args:
         downstream: Any module.
         params: Tensors keyed by parameter (or buffer) names, each ``(B, *shape)``; a subset.
         args: The positional input(s); every tensor in it is ``(B, *)``. Non-tensors are passed
             to every call as they are.
         kwargs: Keyword inputs, batched like ``args``.
+        shared: Keyword inputs passed to every call as they are, not batched: e.g. an
+            ``attention_mask`` of shape ``(N, L)`` that every sample uses.
 
     Returns:
         What ``downstream`` returns, with a leading dimension ``B`` on every tensor.
 
     Raises:
-        ValueError: Unknown names, shapes that are not ``(B, *shape)``, or inputs whose leading
-            dimension is not ``B``.
+        ValueError: Unknown names, shapes that are not ``(B, *shape)``, inputs whose leading
+            dimension is not ``B``, a name in both ``kwargs`` and ``shared``; a forward whose
+            control flow depends on the values of a batched input, or that returns something
+            other than tensors (a cache), each with the way around it.
         TypeError: ``params`` is not a dict of tensors.
 
     Example:
@@ -93,6 +108,13 @@ def per_sample_call(
     batch, index = _check(downstream, params, args, kwargs)
     ctx = _Context(dict(params), index.names, batch)
     ctx.fast = not _global_hooks()
+    if shared:
+        both = sorted(set(kwargs) & set(shared))
+        if both:
+            raise ValueError(
+                f"{both} given in both kwargs (batched) and shared (not batched): pass each once"
+            )
+        return _vmapped(downstream, args, kwargs, ctx, shared)
     if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
         plan = index.plan(downstream) if ctx.fast else None
         if plan is None:
@@ -273,7 +295,11 @@ def _global_hooks() -> bool:
 
 
 def _vmapped(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], ctx: _Context
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    ctx: _Context,
+    shared: Mapping[str, Any] | None = None,
 ) -> Any:
     own = list(module.named_parameters()) + list(module.named_buffers())
     sub = {n: ctx.params[ctx.names[id(t)]] for n, t in own if ctx.names.get(id(t)) in ctx.params}
@@ -293,66 +319,25 @@ def _vmapped(
                     owners[key] = getattr(m, attr)
                     stats[key] = owners[key].detach().expand(ctx.batch, *owners[key].shape).clone()
 
+    common = dict(shared or {})
+    if "use_cache" not in kwargs and "use_cache" not in common and _takes_use_cache(module):
+        common["use_cache"] = False
+
     def call(
         p: dict[str, Tensor], s: dict[str, Tensor], a: tuple[Any, ...], k: dict[str, Any]
     ) -> Any:
-        return functional_call(module, {**p, **s}, a, k)
+        return functional_call(module, {**p, **s}, a, {**k, **common})
 
     dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, (args, kwargs))
-    with vmap_compatible():
-        out = torch.func.vmap(call, in_dims=(0, 0, *dims), randomness="different")(
-            sub, stats, args, kwargs
-        )
+    try:
+        with vmap_compatible():
+            out = torch.func.vmap(call, in_dims=(0, 0, *dims), randomness="different")(
+                sub, stats, args, kwargs
+            )
+    except (RuntimeError, ValueError) as err:
+        _explain_vmap_error(module, err, kwargs)
+        raise
     with torch.no_grad():
         for key, copies in stats.items():
             owners[key].copy_(copies.mean(0))
     return out
-
-
-@contextmanager
-def vmap_compatible() -> Iterator[None]:
-    r"""Within the block, common modules run under ``torch.func.vmap`` with gradients.
-
-    Two things keep stock modules from running under ``vmap``; both are fixed here by global,
-    value-preserving switches, undone on exit even when the body raises:
-
-    * ``nn.GroupNorm`` on a non-contiguous input, which diffusers' attention and ResNet blocks
-      pass (``group_norm(h.transpose(1, 2))``), fails with ``NYI: querying is_contiguous inside
-      of vmap``. A global forward pre-hook makes GroupNorm inputs contiguous.
-    * ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` in eval mode take a fused
-      fast path that cannot see that gradients are needed through ``vmap``, and then fail in the
-      backward (``derivative for aten::_native_multi_head_attention is not implemented``), or
-      run it one sample at a time. The fast path is switched off
-      (``torch.backends.mha.set_fastpath_enabled(False)``).
-
-    Nothing is subclassed, patched or registered on the user's modules, so this is safe to wrap
-    around any code; :func:`per_sample_call` enters it around its ``vmap`` fallback. Use it
-    around your own ``vmap`` of such modules.
-
-    Example:
-        >>> from torch.func import functional_call, stack_module_state, vmap
-        >>> norm = nn.GroupNorm(2, 4)
-        >>> params = stack_module_state([nn.GroupNorm(2, 4) for _ in range(3)])[0]
-        >>> x = torch.randn(3, 2, 5, 4).transpose(-1, -2)  # not contiguous: (3, 2, 4, 5)
-        >>> with vmap_compatible():
-        ...     y = vmap(lambda p, x: functional_call(norm, p, x))(params, x)
-        >>> y.shape
-        torch.Size([3, 2, 4, 5])
-    """
-    # torch types a global pre-hook as returning None; its docs let it return a new input tuple.
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(
-        _contiguous_input  # type: ignore[arg-type]
-    )
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    try:
-        torch.backends.mha.set_fastpath_enabled(False)
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        handle.remove()
-
-
-def _contiguous_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    if isinstance(module, nn.GroupNorm) and args and isinstance(args[0], Tensor):
-        return (args[0].contiguous(), *args[1:])
-    return None
