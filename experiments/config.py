@@ -88,6 +88,7 @@ class Config:
     pool: str = "mean"  # HyperNetwork's pool=, a name of torchhyper.pooling.POOLS
     pool_layers: int = 0  # MLP layers after a mean pool (Deep Sets' rho); 0: the plain pool
     standardize: bool = False  # HyperNetwork's standardize= (each set by its own statistics)
+    rho: list[int] = field(default_factory=list)  # HyperNetwork's rho= (an MLP after the pool)
     # Under torchrun (experiments/distributed.py): the wrapper, and pooling over all ranks' shares.
     distributed: Literal["ddp", "fsdp2"] = "ddp"
     global_pool: bool = False

@@ -237,6 +237,7 @@ def build_models(
         base=config.base,  # type: ignore[arg-type]  # a name of BASES (Config.validate)
         pool=pool,
         standardize=config.standardize,
+        rho=config.rho,
     )
     direct = nn.ModuleList()
     for _ in range(task.num_datasets):

@@ -64,6 +64,7 @@ VARIANTS = {
     "moments": dict(pool="moments"),
     "attention-seeds": dict(pool=AttentionPool(32, seeds=4)),
     "encoder": dict(encoder=nn.Sequential(nn.Linear(D, 32), nn.Tanh()), standardize=True),
+    "rho": dict(standardize=True, rho=[32, 16]),
 }
 
 
@@ -151,6 +152,15 @@ def test_standardize_refuses_a_pool_over_several_processes():
 
     with pytest.raises(ValueError, match="cannot be combined with GlobalMean"):
         HyperNetwork(4, [8], nn.Linear(2, 2), standardize=True, pool=GlobalMean())
+
+
+def test_rho_is_an_mlp_between_the_pool_and_the_head():
+    hyper = HyperNetwork(D, [8], Gaussian(), standardize=True, rho=[32, 16])
+    assert [m.out_features for m in hyper.rho if isinstance(m, nn.Linear)] == [32, 16]
+    assert hyper.rho[0].in_features == 8 + 2 * D and hyper.embed(torch.randn(5, D)).shape == (16,)
+    assert hyper.norm.normalized_shape == (16,)
+    with pytest.raises(ValueError, match=r"rho must be a list of positive ints, got \[0\]"):
+        HyperNetwork(D, [8], Gaussian(), rho=[0])
 
 
 def test_moments_pool_starts_as_the_mean_and_is_smooth_at_one_example():

@@ -132,6 +132,8 @@ class HyperNetwork(_Generator):
             projection. It is registered (so trained, unless you freeze it); its output shape is
             checked on a dummy input at construction. Pooling, heads and the per-set and
             per-sample modes work as with the MLP.
+        rho: Widths of an MLP after the pool (and the appended statistics), before the head:
+            Deep Sets' rho (Zaheer et al. 2017). Default: none.
         standardize: Standardize each set by its own statistics, and append them to the
             embedding (above). For a set of one (``per_sample``) the standard deviation is 0:
             the encoder reads zeros and the embedding holds the example itself.
@@ -168,6 +170,7 @@ class HyperNetwork(_Generator):
         activation: type[nn.Module] = nn.ReLU,
         encoder: nn.Module | None = None,
         standardize: bool = False,
+        rho: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if isinstance(input_dim, (list, tuple)):
@@ -198,10 +201,14 @@ class HyperNetwork(_Generator):
                 "processes"
             )
         features = width + 2 * self.input_dim if standardize else width
+        self.rho_sizes = positive_ints("rho", rho, empty=True)
+        self.rho = _mlp(features, self.rho_sizes, activation)
+        if self.rho_sizes:
+            features = self.rho_sizes[-1]
         self._build(
             downstream, features, include=include, exclude=exclude, head=head, init=init, base=base
         )
-        if standardize:  # the statistics reach the head as they are, not mixed by a LayerNorm
+        if standardize and not self.rho_sizes:  # the statistics reach the head unnormalized
             self.norm = _PartNorm(width)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -274,7 +281,8 @@ class HyperNetwork(_Generator):
         z: Tensor = self.pool.local(e) if local else self.pool(e)
         if self.standardize:
             z = torch.cat([z, mean.squeeze(-2), (std + _EPS).log().squeeze(-2)], dim=-1)
-        return z
+        out: Tensor = self.rho(z)
+        return out
 
     def _check_input(self, x: Tensor, *, sets: bool) -> None:
         if not isinstance(x, Tensor):
