@@ -248,12 +248,22 @@ def build_models(
 def build_optimizers(
     config: Config, hypernetwork: nn.Module, direct: nn.ModuleList
 ) -> dict[str, Any]:
-    r"""Adam for each model, with a cosine decay to 0 over ``steps`` (or a constant rate)."""
+    r"""Adam for each model, with a cosine decay to 0 over ``steps`` (or a constant rate).
+
+    The hypernetwork's base (``bases``: the downstream's values, copied) trains at
+    ``direct_lr``, the rate the downstream trains at directly, as ``HyperNetwork``'s docstring
+    advises; the rest of the hypernetwork at ``lr``."""
 
     def schedule(step: int) -> float:
         return 0.5 * (1 + math.cos(math.pi * step / config.steps)) if config.cosine else 1.0
 
-    optimizers = {"hypernetwork": torch.optim.Adam(hypernetwork.parameters(), lr=config.lr)}
+    named = list(hypernetwork.named_parameters())  # under DDP the names start with "module."
+    base = [p for n, p in named if "bases" in n.split(".")]
+    rest = [p for n, p in named if "bases" not in n.split(".")]
+    groups = [{"params": rest, "lr": config.lr}]
+    if base:
+        groups.append({"params": base, "lr": config.direct_lr})
+    optimizers = {"hypernetwork": torch.optim.Adam(groups, lr=config.lr)}
     if len(direct):
         optimizers["direct"] = torch.optim.Adam(direct.parameters(), lr=config.direct_lr)
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, schedule) for k, o in optimizers.items()}
