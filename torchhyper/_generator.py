@@ -75,18 +75,14 @@ class _Generator(_Recorded):
     def _build(
         self,
         downstream: nn.Module,
+        names: list[str],
         in_features: int,
         *,
-        include: str | list[str] | None,
-        exclude: str | list[str] | None,
         head: Union[str, HeadFactory],
-        init: Literal["default", "downstream"] | None,
         base: Literal["learned", "frozen", "none"],
     ) -> None:
-        """Describes the downstream and builds the norm, base, head and gains."""
-        names = _check_downstream(
-            downstream, include=include, exclude=exclude, init=init, base=base
-        )
+        """Describes the downstream's tensors ``names`` (what :func:`_check_downstream`
+        returned) and builds the norm, base, head and gains."""
         params = dict(downstream.named_parameters())
 
         self.base = base
@@ -184,7 +180,7 @@ def _check_downstream(
 ) -> list[str]:
     """Checks ``downstream`` and the options that say what is generated from it; returns the
     names to generate. Changes nothing and draws no random numbers, so that a constructor can
-    call it before it builds anything (:meth:`_Generator._build` calls it again)."""
+    call it before it builds anything, and hand the names to :meth:`_Generator._build`."""
     module("downstream", downstream)
     if isinstance(downstream, torch.jit.ScriptModule):
         raise TypeError(

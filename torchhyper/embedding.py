@@ -93,13 +93,13 @@ class EmbeddingHyperNetwork(_Generator):
         self.embedding_dim = positive_int("embedding_dim", embedding_dim)
         self.hidden_sizes = sizes = positive_ints("hidden_sizes", hidden_sizes, empty=True)
         _activation("activation", activation)
-        _check_downstream(downstream, include=include, exclude=exclude, init=init, base=base)
+        names = _check_downstream(
+            downstream, include=include, exclude=exclude, init=init, base=base
+        )
         self.embedding = nn.Embedding(num_embeddings, embedding_dim)
         self.encoder = _mlp(embedding_dim, sizes, activation)
         width = sizes[-1] if sizes else embedding_dim
-        self._build(
-            downstream, width, include=include, exclude=exclude, head=head, init=init, base=base
-        )
+        self._build(downstream, names, width, head=head, base=base)
 
     def forward(self, ids: int | Tensor) -> dict[str, Tensor]:
         r"""Generates the parameters for ``ids``.

@@ -182,7 +182,9 @@ class HyperNetwork(_Generator):
             "hidden_sizes", hidden_sizes, empty=encoder is not None
         )
         _activation("activation", activation)
-        _check_downstream(downstream, include=include, exclude=exclude, init=init, base=base)
+        names = _check_downstream(
+            downstream, include=include, exclude=exclude, init=init, base=base
+        )
         if not isinstance(standardize, bool):
             raise TypeError(f"standardize must be a bool, got {type(standardize).__name__}")
         self.standardize = standardize
@@ -205,9 +207,7 @@ class HyperNetwork(_Generator):
         self.rho = _mlp(features, self.rho_sizes, activation)
         if self.rho_sizes:
             features = self.rho_sizes[-1]
-        self._build(
-            downstream, features, include=include, exclude=exclude, head=head, init=init, base=base
-        )
+        self._build(downstream, names, features, head=head, base=base)
         if standardize and not self.rho_sizes:  # the statistics reach the head unnormalized
             self.norm = _PartNorm(width)
 
