@@ -86,7 +86,6 @@ class Config:
     head_options: dict[str, int] = field(default_factory=dict)  # e.g. {"rank": 64} for a named head
     base: str = "learned"  # HyperNetwork's base=, one of torchhyper._generator.BASES
     pool: str = "mean"  # HyperNetwork's pool=, a name of torchhyper.pooling.POOLS
-    pool_layers: int = 0  # MLP layers after a mean pool (Deep Sets' rho); 0: the plain pool
     standardize: bool = False  # HyperNetwork's standardize= (each set by its own statistics)
     rho: list[int] = field(default_factory=list)  # HyperNetwork's rho= (an MLP after the pool)
     # Under torchrun (experiments/distributed.py): the wrapper, and pooling over all ranks' shares.
@@ -118,7 +117,6 @@ class Config:
             for k, v in (
                 ("threads", self.threads),
                 ("seed", self.seed),
-                ("pool_layers", self.pool_layers),
             )
             if v < 0
         }
@@ -139,8 +137,6 @@ class Config:
                 f"config.head_options has unknown keys {unknown} for head {self.head!r}; its "
                 f"options are {options}"
             )
-        if self.pool_layers and self.pool != "mean":
-            raise ValueError(f"config.pool_layers > 0 needs pool='mean', got pool={self.pool!r}")
         if self.global_pool and self.pool not in ("mean", "sum", "max"):
             raise ValueError(
                 f"config.global_pool needs pool='mean', 'sum' or 'max', got pool={self.pool!r}"

@@ -198,35 +198,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class MeanMLP(nn.Module):
-    r"""A set pool: the mean over the set, then an MLP (DeepSets' rho), ``(*, B, H) -> (*, H)``.
-
-    References:
-        | Deep Sets (Zaheer et al., 2017) https://arxiv.org/abs/1703.06114
-    """
-
-    def __init__(self, width: int, layers: int, *, mean: nn.Module | None = None) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(
-            *[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())]
-        )
-        self.mean = mean  # e.g. the mean over every rank's share of the set
-
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
-        pooled: torch.Tensor = self.mlp(e.mean(dim=-2) if self.mean is None else self.mean(e))
-        return pooled
-
-
 def build_models(
     config: Config, task: Task, device: torch.device
 ) -> tuple[HyperNetwork, nn.ModuleList]:
     r"""The hypernetwork, and one directly trained copy of the downstream per training dataset."""
     reduce = GLOBAL_POOLS[config.pool]() if config.global_pool else None  # over every rank's share
-    pool: str | nn.Module
-    if config.pool_layers:
-        pool = MeanMLP(config.hidden_sizes[-1], config.pool_layers, mean=reduce)
-    else:
-        pool = config.pool if reduce is None else reduce
+    pool: str | nn.Module = config.pool if reduce is None else reduce
     options: dict[str, Any] = config.head_options  # e.g. {"rank": 64}
     head = functools.partial(HEADS[config.head], **options) if config.head_options else config.head
     hypernetwork = HyperNetwork(

@@ -12,6 +12,7 @@ direct fit and EM on the same points (the amortization gap).
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -211,13 +212,19 @@ class GMMTask(Task):
                 panels.append((truth, data, fits))
         self._plot(panels, history, out / "gmm.png")
         mean = {k: sum(v) / len(v) for k, v in kls.items()}
+        median = {k: statistics.median(v) for k, v in kls.items()}
         return {
             "kl_hypernetwork": mean["hypernetwork"],
             "kl_direct": mean["direct"],
             "kl_em": mean["em"],
+            "kl_median_hypernetwork": median["hypernetwork"],
+            "kl_median_direct": median["direct"],
+            "kl_median_em": median["em"],
             "kl_truth": 0.0,
             "amortization_gap": mean["hypernetwork"] - mean["direct"],
-            "within_10_percent": within(mean["hypernetwork"], mean["direct"]),
+            # By the mean and by the median: a mean alone passes when a few direct fits stall.
+            "within_10_percent": within(mean["hypernetwork"], mean["direct"])
+            and within(median["hypernetwork"], median["direct"]),
             "eval_datasets": self.t.eval_datasets,
             "points_per_dataset": self.config.batch_size,
             "per_dataset": kls,
@@ -265,10 +272,10 @@ def _row(m: dict[str, Any]) -> list[str]:
         return [
             f"GMM, amortized over random mixtures; {m['eval_datasets']} held-out, "
             f"{m['points_per_dataset']} points each",
-            "mean KL(true ‖ predicted), nats",
-            number(m["kl_hypernetwork"]),
-            f"{number(m['kl_direct'])} (fitted per dataset)",
-            f"EM: {number(m['kl_em'])}; truth: 0",
+            "KL(true ‖ predicted), nats: mean / median",
+            f"{number(m['kl_hypernetwork'])} / {number(m['kl_median_hypernetwork'])}",
+            f"{number(m['kl_direct'])} / {number(m['kl_median_direct'])} (fitted per dataset)",
+            f"EM: {number(m['kl_em'])} / {number(m['kl_median_em'])}; truth: 0",
         ]
     return [
         "GMM, 1-D, 2 components (the original's), 2000 points",
@@ -307,7 +314,7 @@ EXPERIMENT = Experiment(
             "steps": 3000,
             "batch_size": 256,
             "sets_per_step": 8,
-            "pool_layers": 2,
+            "rho": [96, 96],  # Deep Sets' rho: an MLP after the mean pool
             "checkpoint_every": 500,
             "task": {
                 "mc_samples": 20000,
