@@ -43,6 +43,12 @@ TINY = {
         "--task.eval_datasets=2",
         "--task.direct_steps=3",
     ],
+    "flow_out_of_range": [
+        "--steps=4",
+        "--batch_size=32",
+        "--task.eval_datasets=2",
+        "--task.direct_steps=3",
+    ],
     "vae": ["--steps=4", "--batch_size=16", "--task.elbo_samples=1", "--task.max_train=200"],
     "vae_amortized": [
         "--steps=4",
@@ -523,3 +529,14 @@ def test_results_command_tabulates_runs_and_reuses_finished_ones(tmp_path):
     before = (tmp_path / "runs" / "gmm" / "metrics.json").stat().st_mtime_ns
     results.main(args)  # a finished run is reused, not retrained or overwritten
     assert (tmp_path / "runs" / "gmm" / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_out_of_range_flow_is_evaluated_beyond_its_training_variances(tmp_path):
+    from experiments.tasks.flow import EXPERIMENT as FLOW
+
+    metrics = run("flow_out_of_range", tmp_path / "out")
+    assert metrics["variance_range"] == [0.5, 12.0]
+    assert metrics["eval_variance_range"] == [12.0, 24.0]
+    assert "out of range** (variances 12-24, trained on 0.5-12)" in FLOW.row(metrics)[0]
+    inside = run("flow_amortized", tmp_path / "in")
+    assert "out of range" not in FLOW.row(inside)[0]
