@@ -88,6 +88,9 @@ class Config:
     pool: str = "mean"  # HyperNetwork's pool=, a name of torchhyper.pooling.POOLS
     standardize: bool = False  # HyperNetwork's standardize= (each set by its own statistics)
     rho: list[int] = field(default_factory=list)  # HyperNetwork's rho= (an MLP after the pool)
+    # The per-example encoder: the MLP of hidden_sizes, or "cnn" (two convolutions, then the MLP
+    # of hidden_sizes[1:]) for tasks whose examples are images.
+    encoder: Literal["mlp", "cnn"] = "mlp"
     # Under torchrun (experiments/distributed.py): the wrapper, and pooling over all ranks' shares.
     distributed: Literal["ddp", "fsdp2"] = "ddp"
     global_pool: bool = False

@@ -198,23 +198,45 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def conv_encoder(shape: tuple[int, ...], width: int = 32) -> nn.Sequential:
+    r"""The per-example encoder of ``encoder="cnn"``: flattened images ``(N, C * H * W)`` of
+    ``shape = (C, H, W)``, two 3x3 convolutions, a 2x2 max pool and an average down to 4x4,
+    ``-> (N, 32 * width)``."""
+    return nn.Sequential(
+        nn.Unflatten(1, shape),
+        nn.Conv2d(shape[0], width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+    )  # fmt: skip
+
+
 def build_models(
     config: Config, task: Task, device: torch.device
 ) -> tuple[HyperNetwork, nn.ModuleList]:
     r"""The hypernetwork, and one directly trained copy of the downstream per training dataset."""
     reduce = GLOBAL_POOLS[config.pool]() if config.global_pool else None  # over every rank's share
     pool: str | nn.Module = config.pool if reduce is None else reduce
+    hidden_sizes, encoder = config.hidden_sizes, None
+    if config.encoder == "cnn":
+        if task.example_shape is None:
+            raise ValueError(
+                f"config.encoder='cnn' needs image examples, but experiment "
+                f"{config.experiment!r} reads vectors of {task.input_dim}; use encoder='mlp'"
+            )
+        encoder = conv_encoder(task.example_shape)
+        hidden_sizes = hidden_sizes[1:]
     options: dict[str, Any] = config.head_options  # e.g. {"rank": 64}
     head = functools.partial(HEADS[config.head], **options) if config.head_options else config.head
     hypernetwork = HyperNetwork(
         task.input_dim,
-        config.hidden_sizes,
+        hidden_sizes,
         task.downstream,
         head=head,
         base=config.base,  # type: ignore[arg-type]  # a name of BASES (Config.validate)
         pool=pool,
         standardize=config.standardize,
         rho=config.rho,
+        encoder=encoder,
     )
     direct = nn.ModuleList()
     for _ in range(task.num_datasets):

@@ -540,3 +540,16 @@ def test_out_of_range_flow_is_evaluated_beyond_its_training_variances(tmp_path):
     assert "out of range** (variances 12-24, trained on 0.5-12)" in FLOW.row(metrics)[0]
     inside = run("flow_amortized", tmp_path / "in")
     assert "out of range" not in FLOW.row(inside)[0]
+
+
+def test_cnn_encoder_reads_the_digit_sets_as_images(tmp_path):
+    from experiments.train import build_models
+
+    config = load_run("vae_amortized", [f"--out_dir={tmp_path / 'x'}", "--encoder=cnn"])
+    task = EXPERIMENTS["vae"].task(config, torch.device("cpu"))
+    hypernetwork, _ = build_models(config, task, torch.device("cpu"))
+    assert any(isinstance(m, torch.nn.Conv2d) for m in hypernetwork.encoder.modules())
+    metrics = run("vae_amortized", tmp_path / "run", "--encoder=cnn")
+    assert np.isfinite(metrics["elbo_hypernetwork"])
+    with pytest.raises(ValueError, match="encoder='cnn' needs image examples"):
+        run("gmm_amortized", tmp_path / "gmm", "--encoder=cnn")

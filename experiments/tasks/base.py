@@ -35,6 +35,9 @@ class Task:
     Attributes:
         downstream: The module whose parameters are generated (and, copied, trained directly).
         input_dim: Features per example of a set, what the hypernetwork reads.
+        example_shape: The shape of one example, where it is an image ``(C, H, W)`` (the
+            examples come flattened, ``C * H * W == input_dim``); what ``encoder="cnn"`` needs.
+            ``None``: the examples are plain vectors.
         num_datasets: How many fixed training datasets there are. The trainer trains one direct
             copy of the downstream per dataset, on the same sets the hypernetwork sees. 0 means
             an infinite family (fresh random datasets each step): the direct fits then happen
@@ -43,6 +46,7 @@ class Task:
 
     downstream: nn.Module
     input_dim: int
+    example_shape: tuple[int, ...] | None = None
     num_datasets: int
 
     def __init__(self, config: Config, device: torch.device) -> None:

@@ -112,6 +112,7 @@ class DDPMTask(Task):
         # class-embedding UNet too; kept here, before anything could touch the template.
         self.unet_init = {k: v.clone() for k, v in self.downstream.unet.state_dict().items()}
         self.input_dim = self.sets.x_train[0].numel()
+        self.example_shape = tuple(self.sets.x_train.shape[1:])
         self.num_datasets = len(self.sets)
 
     def sample(self, generator: torch.Generator) -> tuple[int, Tensor]:

@@ -55,6 +55,8 @@ class VAETask(Task):
         self.downstream = VAE(self.pixels, latent_dim=t.latent_dim, hidden_sizes=t.model_hidden)
         self.downstream.to(device).requires_grad_(False)
         self.input_dim = self.pixels
+        side = self.sets.images.x_train.shape[-1]
+        self.example_shape = (1, side, side)
         self.num_datasets = len(self.sets)
 
     def sample(self, generator: torch.Generator) -> tuple[int, Tensor]:
