@@ -261,6 +261,10 @@ _AMORTIZED = {
     "steps": 3000,
     "batch_size": 256,
     "sets_per_step": 8,
+    # Each set standardized by its own statistics, then rho (benchmarks/set_encoding.py: cov
+    # error 24% over 3 seeds, against 53% for the plain mean pool).
+    "standardize": True,
+    "rho": [96, 96],
     "checkpoint_every": 500,
     "task": {
         "mean_range": [-3.0, 3.0],

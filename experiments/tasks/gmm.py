@@ -314,7 +314,10 @@ EXPERIMENT = Experiment(
             "steps": 3000,
             "batch_size": 256,
             "sets_per_step": 8,
-            "rho": [96, 96],  # Deep Sets' rho: an MLP after the mean pool
+            # The mean and std of the encodings, then Deep Sets' rho (benchmarks/set_encoding.py:
+            # median KL 0.024 over 3 seeds, against 0.030 for the mean pool and 0.104 without rho).
+            "pool": "moments",
+            "rho": [96, 96],
             "checkpoint_every": 500,
             "task": {
                 "mc_samples": 20000,
