@@ -53,7 +53,8 @@ def run_all(out: Path, names: list[str], overrides: list[str]) -> dict[str, dict
 
 def _row(name: str, m: dict[str, Any]) -> list[str]:
     experiment = experiment_of(name)
-    plot = f'<img src="docs/results/{name}.png" width="360" alt="{name}">'
+    src = f"docs/results/{name}.png"  # shown at 360 px, a click away from full size
+    plot = f'<a href="{src}"><img src="{src}" width="360" alt="{name}"></a>'
     return [
         *experiment.row(m),
         experiment.verdict(m),
