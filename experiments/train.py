@@ -35,7 +35,6 @@ import copy
 import functools
 import gc
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -66,7 +65,7 @@ from experiments.distributed import (
     unsharded,
 )
 from experiments.registry import build_task, run_names
-from experiments.tasks.base import Task
+from experiments.tasks.base import Task, lr_factor, mean_loss
 from torchhyper import HyperNetwork
 from torchhyper.distributed import (
     GlobalMax,
@@ -253,9 +252,6 @@ def build_optimizers(
     ``direct_lr``, the rate the downstream trains at directly, as ``HyperNetwork``'s docstring
     advises; the rest of the hypernetwork at ``lr``."""
 
-    def schedule(step: int) -> float:
-        return 0.5 * (1 + math.cos(math.pi * step / config.steps)) if config.cosine else 1.0
-
     named = list(hypernetwork.named_parameters())  # under DDP the names start with "module."
     base = [p for n, p in named if "bases" in n.split(".")]
     rest = [p for n, p in named if "bases" not in n.split(".")]
@@ -265,7 +261,10 @@ def build_optimizers(
     optimizers = {"hypernetwork": torch.optim.Adam(groups, lr=config.lr)}
     if len(direct):
         optimizers["direct"] = torch.optim.Adam(direct.parameters(), lr=config.direct_lr)
-    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, schedule) for k, o in optimizers.items()}
+    schedulers = {
+        k: torch.optim.lr_scheduler.LambdaLR(o, functools.partial(lr_factor, config))
+        for k, o in optimizers.items()
+    }
     return {"optimizers": optimizers, "schedulers": schedulers}
 
 
@@ -285,9 +284,11 @@ def train_step(
     """
     sets = [task.sample(generator) for _ in range(config.sets_per_step)]
     shares = [local_share(batch) for _, batch in sets]
-    losses = {"hypernetwork": _mean([task.loss(hypernetwork(share), share) for share in shares])}
+    losses = {
+        "hypernetwork": mean_loss([task.loss(hypernetwork(share), share) for share in shares])
+    }
     if len(direct):
-        losses["direct"] = _mean(
+        losses["direct"] = mean_loss(
             [task.loss(dict(direct[k].named_parameters()), batch) for k, batch in sets]
         )
     for name, loss in losses.items():
@@ -296,14 +297,6 @@ def train_step(
         optim["optimizers"][name].step()
         optim["schedulers"][name].step()
     return {k: v.item() for k, v in losses.items()}
-
-
-def _mean(losses: list[torch.Tensor]) -> torch.Tensor:
-    # sum(losses) / n, as a Tensor for type checkers (0 + the first loss is the first loss)
-    total = losses[0]
-    for loss in losses[1:]:
-        total = total + loss
-    return total / len(losses)
 
 
 def checkpoint_state(

@@ -16,24 +16,15 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("diffusers") is None, reason="needs diffusers"
 )
 
+from test_experiments import TINY as SMOKE  # noqa: E402
+
 from experiments import train as trainer  # noqa: E402
 from experiments.config import load_run  # noqa: E402
 from experiments.registry import build_task, experiment_of  # noqa: E402
 
-TINY = [
-    "--steps=4",
-    "--batch_size=4",
-    "--head=chunked",
-    "--checkpoint_every=2",
-    "--task.block_out_channels=[8,16]",
-    "--task.norm_num_groups=4",
-    "--task.timesteps=20",
-    "--task.sample_steps=2",
-    "--task.samples_per_class=2",
-    "--task.classifier_steps=3",
-    "--task.max_train=200",
-    "--task.timing_steps=2",
-]
+# The smoke config of tests/test_experiments.py, with a checkpoint to resume from and fewer
+# timed steps (a later --key=value wins).
+TINY = [*SMOKE["ddpm"], "--steps=4", "--checkpoint_every=2", "--task.timing_steps=2"]
 # What differs between two runs of one config: the clock.
 TIMED = {"class_unet_train_seconds", "step_ms_hypernetwork", "step_ms_direct", "step_ms_class_unet"}
 

@@ -26,7 +26,16 @@ if TYPE_CHECKING:
 History = dict[str, list[float]]
 r"""The training losses per step: ``{"hypernetwork": [...], "direct": [...]}``."""
 
-__all__ = ["History", "Task", "describe", "fit_direct", "plot_losses", "within"]
+__all__ = [
+    "History",
+    "Task",
+    "describe",
+    "fit_direct",
+    "lr_factor",
+    "mean_loss",
+    "plot_losses",
+    "within",
+]
 
 
 class Task:
@@ -126,6 +135,20 @@ def within(
     ``tolerance`` (relative to direct's); being better always counts."""
     margin = tolerance * abs(direct)
     return hypernetwork >= direct - margin if higher_is_better else hypernetwork <= direct + margin
+
+
+def lr_factor(config: Config, step: int) -> float:
+    r"""The factor of every learning rate at ``step``: a cosine decay to 0 over ``config.steps``
+    (or 1 with ``config.cosine`` false)."""
+    return 0.5 * (1 + math.cos(math.pi * step / config.steps)) if config.cosine else 1.0
+
+
+def mean_loss(losses: list[Tensor]) -> Tensor:
+    r"""``sum(losses) / len(losses)``, as a Tensor for type checkers."""
+    total = losses[0]
+    for loss in losses[1:]:
+        total = total + loss
+    return total / len(losses)
 
 
 def plot_losses(

@@ -21,7 +21,7 @@ of one training step of each, the three interleaved in one loop after training.
 from __future__ import annotations
 
 import copy
-import math
+import functools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from experiments.config import check_positive, check_sizes
 from experiments.experiment import Experiment, number, percent
-from experiments.tasks.base import History, Task, plot_losses, within
+from experiments.tasks.base import History, Task, lr_factor, mean_loss, plot_losses, within
 from experiments.tasks.digits import DigitsConfig, DigitSets
 from experiments.tasks.judge import DigitClassifier, frechet_distance
 from torchhyper import bind
@@ -161,10 +161,7 @@ class DDPMTask(Task):
         c = self.config
         generator = torch.Generator().manual_seed(c.seed)  # the trainer's, from its start
         optimizer = torch.optim.Adam(unet.parameters(), lr=c.direct_lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: 0.5 * (1 + math.cos(math.pi * s / c.steps)) if c.cosine else 1.0,
-        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, c))
         unet.train()
         losses = []
         for _ in tqdm(range(c.steps), desc="class UNet", dynamic_ncols=True, mininterval=1.0):
@@ -211,10 +208,10 @@ class DDPMTask(Task):
         one = copy.deepcopy(unet).train()
 
         def hyper_loss(sets: list[tuple[int, Tensor]]) -> Tensor:
-            return _mean([self.loss(hyper(batch), batch) for _, batch in sets])
+            return mean_loss([self.loss(hyper(batch), batch) for _, batch in sets])
 
         def direct_loss(sets: list[tuple[int, Tensor]]) -> Tensor:
-            return _mean([self.loss(dict(tens[k].named_parameters()), b) for k, b in sets])
+            return mean_loss([self.loss(dict(tens[k].named_parameters()), b) for k, b in sets])
 
         steps: dict[str, tuple[torch.optim.Optimizer, Callable[..., Tensor]]] = {
             "hypernetwork": (
@@ -413,13 +410,6 @@ def _tile(rows: list[Tensor], columns: int, side: int) -> Tensor:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _mean(losses: list[Tensor]) -> Tensor:
-    total = losses[0]
-    for loss in losses[1:]:
-        total = total + loss
-    return total / len(losses)
 
 
 def _count(n: int) -> str:
