@@ -32,15 +32,22 @@ class Gaussian(nn.Module):
         return (0.5 * z.square() + self.log_scale).sum(-1).mean()
 
 
-def sets(generator: torch.Generator, count: int, size: int) -> torch.Tensor:
-    """Sets of Gaussian samples, means in [-2, 2] and standard deviations in [0.3, 3]."""
+def sets(
+    generator: torch.Generator, count: int, size: int, log_scale: tuple[float, float] = (-1.2, 1.1)
+) -> torch.Tensor:
+    """Sets of Gaussian samples, means in [-2, 2] and log standard deviations in ``log_scale``
+    (by default standard deviations in [0.3, 3])."""
+    lo, hi = log_scale
     loc = torch.rand(count, 1, D, generator=generator) * 4 - 2
-    scale = torch.exp(torch.rand(count, 1, D, generator=generator) * 2.3 - 1.2)
+    scale = torch.exp(lo + torch.rand(count, 1, D, generator=generator) * (hi - lo))
     return loc + scale * torch.randn(count, size, D, generator=generator)
 
 
-def held_out_nll(steps: int = 300, **options) -> float:
-    """Trains a hypernetwork over random sets; the held-out NLL of the Gaussians it generates."""
+def held_out_nll(
+    steps: int = 300, eval_log_scale: tuple[float, float] = (-1.2, 1.1), **options
+) -> float:
+    """Trains a hypernetwork over random sets; the held-out NLL of the Gaussians it generates,
+    on sets whose log standard deviations lie in ``eval_log_scale``."""
     torch.manual_seed(0)
     downstream = Gaussian().requires_grad_(False)
     hyper = HyperNetwork(D, [32, 32], downstream, **options)
@@ -54,7 +61,7 @@ def held_out_nll(steps: int = 300, **options) -> float:
         loss.backward()
         optimizer.step()
     hyper.eval()
-    x = sets(torch.Generator().manual_seed(2), 64, 64)
+    x = sets(torch.Generator().manual_seed(2), 64, 64, eval_log_scale)
     with torch.no_grad():
         return nll(hyper.per_set(x), x).mean().item()
 
@@ -100,6 +107,16 @@ def test_features_that_carry_the_spread_beat_the_mean_pool():
     moments = held_out_nll(pool="moments")
     assert standardized < mean - 0.05, (standardized, mean)
     assert moments < mean - 0.02, (moments, mean)
+
+
+def test_standardize_with_rho_carries_a_fit_beyond_the_training_range():
+    """Trained on standard deviations in [0.3, 3] and evaluated on [3, 9]: with the set's
+    statistics appended after rho, the head can keep the log-scale linear in the set's log
+    standard deviation; from rho alone it saturates."""
+    beyond = (1.1, 2.2)
+    rho = held_out_nll(eval_log_scale=beyond, rho=[32, 16])
+    both = held_out_nll(eval_log_scale=beyond, rho=[32, 16], standardize=True)
+    assert both < rho - 0.5, (both, rho)
 
 
 def test_standardize_appends_the_sets_statistics():
@@ -157,8 +174,15 @@ def test_standardize_refuses_a_pool_over_several_processes():
 def test_rho_is_an_mlp_between_the_pool_and_the_head():
     hyper = HyperNetwork(D, [8], Gaussian(), standardize=True, rho=[32, 16])
     assert [m.out_features for m in hyper.rho if isinstance(m, nn.Linear)] == [32, 16]
-    assert hyper.rho[0].in_features == 8 + 2 * D and hyper.embed(torch.randn(5, D)).shape == (16,)
-    assert hyper.norm.normalized_shape == (16,)
+    assert hyper.rho[0].in_features == 8 + 2 * D
+    # rho reads the statistics, and they are appended to its output too, unnormalized.
+    x = torch.randn(5, D) * 3 + 2
+    z = hyper.embed(x)
+    assert z.shape == (16 + 2 * D,) and hyper.norm.normalized_shape == (16,)
+    torch.testing.assert_close(hyper.norm(z)[16:], z[16:])
+    torch.testing.assert_close(z[16 : 16 + D], x.mean(0))
+    torch.testing.assert_close(z[16 + D :], (x.std(0, correction=0) + 1e-5).log())
+    assert HyperNetwork(D, [8], Gaussian(), rho=[32, 16]).embed(x).shape == (16,)
     with pytest.raises(ValueError, match=r"rho must be a list of positive ints, got \[0\]"):
         HyperNetwork(D, [8], Gaussian(), rho=[0])
 

@@ -96,7 +96,10 @@ class HyperNetwork(_Generator):
       mean and standard deviation before the encoder, and appends that mean and log standard
       deviation to the pooled embedding (``H + 2 * input_dim`` features), as statistics
       networks do (Edwards and Storkey 2017). Exact first and second moments reach the head,
-      whatever the encoder resolves.
+      whatever the encoder resolves: they skip the head's layer norm, and with ``rho`` they
+      are appended to its output as well as read by it, so a fit that is affine in them
+      (a Gaussian's log standard deviation) is exactly linear in the head's input, inside the
+      training range and beyond it.
     * ``pool="moments"`` (:class:`~torchhyper.pooling.MomentsPool`) pools the mean and the
       standard deviation of the encodings; ``AttentionPool(H, seeds=k)`` attends with ``k``
       seed queries (PMA with several seeds, Lee et al. 2019).
@@ -133,7 +136,8 @@ class HyperNetwork(_Generator):
             checked on a dummy input at construction. Pooling, heads and the per-set and
             per-sample modes work as with the MLP.
         rho: Widths of an MLP after the pool (and the appended statistics), before the head:
-            Deep Sets' rho (Zaheer et al. 2017). Default: none.
+            Deep Sets' rho (Zaheer et al. 2017), for fits that are nonlinear in the pooled
+            statistics. Default: none.
         standardize: Standardize each set by its own statistics, and append them to the
             embedding (above). For a set of one (``per_sample``) the standard deviation is 0:
             the encoder reads zeros and the embedding holds the example itself.
@@ -202,13 +206,13 @@ class HyperNetwork(_Generator):
                 f"cannot be combined with {type(self.pool).__name__}, a pool over several "
                 "processes"
             )
-        features = width + 2 * self.input_dim if standardize else width
+        stats = 2 * self.input_dim if standardize else 0
         self.rho_sizes = positive_ints("rho", rho, empty=True)
-        self.rho = _mlp(features, self.rho_sizes, activation)
+        self.rho = _mlp(width + stats, self.rho_sizes, activation)
         if self.rho_sizes:
-            features = self.rho_sizes[-1]
-        self._build(downstream, names, features, head=head, base=base)
-        if standardize and not self.rho_sizes:  # the statistics reach the head unnormalized
+            width = self.rho_sizes[-1]
+        self._build(downstream, names, width + stats, head=head, base=base)
+        if standardize:  # the statistics reach the head unnormalized, after rho too
             self.norm = _PartNorm(width)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -279,10 +283,12 @@ class HyperNetwork(_Generator):
         e = self.encoder(flat.reshape(-1, *self.input_shape))
         e = e.reshape(*batch, e.shape[-1])
         z: Tensor = self.pool.local(e) if local else self.pool(e)
-        if self.standardize:
-            z = torch.cat([z, mean.squeeze(-2), (std + _EPS).log().squeeze(-2)], dim=-1)
-        out: Tensor = self.rho(z)
-        return out
+        if not self.standardize:
+            out: Tensor = self.rho(z)
+            return out
+        stats = torch.cat([mean.squeeze(-2), (std + _EPS).log().squeeze(-2)], dim=-1)
+        z = torch.cat([z, stats], dim=-1)
+        return torch.cat([self.rho(z), stats], dim=-1) if self.rho_sizes else z
 
     def _check_input(self, x: Tensor, *, sets: bool) -> None:
         if not isinstance(x, Tensor):
