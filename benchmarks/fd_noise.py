@@ -1,0 +1,99 @@
+"""How noisy the DDPM's Fréchet distance is: one trained run, sampled with several seeds.
+
+Takes a finished ``ddpm`` run folder (its ``checkpoint.pt`` and ``config.json``), loads the
+hypernetwork, retrains the class-embedding UNet exactly as the run does (its own seeded RNG
+streams), fits the run's judge classifier, then samples both models with each sampling seed
+and each number of samples per class, and prints the FD of each against the held-out digits.
+The spread over sampling seeds, for models that do not change, is the noise of the metric.
+
+    python -m experiments.train ddpm --out_dir=runs/ddpm   # or runs/results/ddpm
+    python benchmarks/fd_noise.py runs/ddpm --samples=100,500 --seeds=1,2,3   # ~15 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the experiments package
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a finished ddpm run folder")
+    parser.add_argument("--samples", default="100,500", help="samples per class, comma-separated")
+    parser.add_argument("--seeds", default="1,2,3", help="sampling seeds, comma-separated")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.samples.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    from experiments.checkpoint import load_checkpoint
+    from experiments.config import load
+    from experiments.registry import build_task
+    from experiments.tasks.judge import DigitClassifier, frechet_distance
+    from experiments.train import build_models
+    from torchhyper import bind
+
+    config = load(str(args.run / "config.json"))
+    if config.experiment != "ddpm" or not config.amortized:
+        raise ValueError(f"run must be an amortized ddpm run, got {config.experiment!r}")
+    torch.set_num_threads(max(config.threads, 1))
+    device = torch.device("cpu")
+    torch.manual_seed(config.seed)
+    task = build_task(config, device)
+    hypernetwork = build_models(config, task, device)[0]
+    checkpoint = load_checkpoint(args.run / "checkpoint.pt", map_location=device)
+    hypernetwork.load_state_dict(checkpoint["models"]["hypernetwork"])
+    hypernetwork.eval()
+    judge = DigitClassifier.fit(
+        task.sets.x_train,
+        task.sets.images.y_train,
+        steps=task.t.classifier_steps,
+        seed=config.seed,
+    )
+    real = judge.features(task.sets.x_test)
+    with torch.random.fork_rng():  # as the run trains it
+        torch.manual_seed(config.seed + 3000)
+        unet = task.class_unet()
+        task.train_class_unet(unet)
+    unet.eval()
+
+    def hypernetwork_samples(k: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        with torch.no_grad():
+            params = hypernetwork(task.sets.train(k))
+        with bind(task.downstream, params):
+            return task.downstream.sample(n, steps=task.t.sample_steps, generator=generator)
+
+    models = {
+        "hypernetwork": hypernetwork_samples,
+        "class UNet": lambda k, n, g: task.sample_class(unet, k, n, g),
+    }
+    fd: dict[tuple[str, int, int], float] = {}
+    for n in sizes:
+        for seed in seeds:
+            for name, draw in models.items():
+                generator = torch.Generator().manual_seed(seed)
+                x = torch.cat([draw(k, n, generator) for k in range(len(task.sets))])
+                fd[name, n, seed] = frechet_distance(judge.features(x), real)
+            print(f"{n} per class, sampling seed {seed}: done", file=sys.stderr, flush=True)
+
+    print(f"\n### FD of one trained ddpm run ({args.run}, training seed {config.seed})\n")
+    print("| samples per class | model | FD per sampling seed | median | max - min |")
+    print("| --- | --- | --- | --- | --- |")
+    for n in sizes:
+        ratios = [fd["hypernetwork", n, s] / fd["class UNet", n, s] for s in seeds]
+        rows = [(name, [fd[name, n, s] for s in seeds]) for name in models]
+        rows.append(("ratio", ratios))
+        for name, values in rows:
+            cells = " ".join(f"{v:.3f}" for v in values)
+            spread = max(values) - min(values)
+            print(f"| {n} | {name} | {cells} | {statistics.median(values):.3f} | {spread:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
