@@ -35,9 +35,8 @@ def main() -> None:
     from experiments.checkpoint import load_checkpoint
     from experiments.config import load
     from experiments.registry import build_task
-    from experiments.tasks.judge import DigitClassifier, frechet_distance
+    from experiments.tasks.judge import frechet_distance
     from experiments.train import build_models
-    from torchhyper import bind
 
     config = load(str(args.run / "config.json"))
     if config.experiment != "ddpm" or not config.amortized:
@@ -50,24 +49,15 @@ def main() -> None:
     checkpoint = load_checkpoint(args.run / "checkpoint.pt", map_location=device)
     hypernetwork.load_state_dict(checkpoint["models"]["hypernetwork"])
     hypernetwork.eval()
-    judge = DigitClassifier.fit(
-        task.sets.x_train,
-        task.sets.images.y_train,
-        steps=task.t.classifier_steps,
-        seed=config.seed,
-    )
+    judge = task.judge()
     real = judge.features(task.sets.x_test)
     with torch.random.fork_rng():  # as the run trains it
-        torch.manual_seed(config.seed + 3000)
-        unet = task.class_unet()
-        task.train_class_unet(unet)
-    unet.eval()
+        unet = task.class_baseline()[0]
 
     def hypernetwork_samples(k: int, n: int, generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
             params = hypernetwork(task.sets.train(k))
-        with bind(task.downstream, params):
-            return task.downstream.sample(n, steps=task.t.sample_steps, generator=generator)
+        return task.sample_params(params, n, generator)
 
     models = {
         "hypernetwork": hypernetwork_samples,

@@ -17,6 +17,7 @@ from torchhyper import HyperNetwork
 from torchhyper.pooling import AttentionPool, MomentsPool
 
 D = 3
+TRAIN_LOG_SCALE = (-1.2, 1.1)  # the sets' log standard deviations in training: [0.3, 3]
 
 
 class Gaussian(nn.Module):
@@ -33,7 +34,10 @@ class Gaussian(nn.Module):
 
 
 def sets(
-    generator: torch.Generator, count: int, size: int, log_scale: tuple[float, float] = (-1.2, 1.1)
+    generator: torch.Generator,
+    count: int,
+    size: int,
+    log_scale: tuple[float, float] = TRAIN_LOG_SCALE,
 ) -> torch.Tensor:
     """Sets of Gaussian samples, means in [-2, 2] and log standard deviations in ``log_scale``
     (by default standard deviations in [0.3, 3])."""
@@ -44,7 +48,7 @@ def sets(
 
 
 def held_out_nll(
-    steps: int = 300, eval_log_scale: tuple[float, float] = (-1.2, 1.1), **options
+    steps: int = 300, eval_log_scale: tuple[float, float] = TRAIN_LOG_SCALE, **options
 ) -> float:
     """Trains a hypernetwork over random sets; the held-out NLL of the Gaussians it generates,
     on sets whose log standard deviations lie in ``eval_log_scale``."""

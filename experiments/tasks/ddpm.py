@@ -174,6 +174,33 @@ class DDPMTask(Task):
             losses.append(loss.item())
         return losses
 
+    def class_baseline(self) -> tuple[nn.Module, list[float]]:
+        r"""The class-embedding UNet, trained (:meth:`train_class_unet`) and in eval mode, and
+        its losses. It reseeds the global RNG (``seed + 3000``): call it inside
+        ``torch.random.fork_rng``, as :meth:`evaluate` does, so it draws the same wherever it
+        runs."""
+        torch.manual_seed(self.config.seed + 3000)
+        unet = self.class_unet()
+        losses = self.train_class_unet(unet)
+        return unet.eval(), losses
+
+    def judge(self) -> DigitClassifier:
+        r"""The classifier whose features the FD compares, fitted on the training split."""
+        return DigitClassifier.fit(
+            self.sets.x_train,
+            self.sets.images.y_train,
+            steps=self.t.classifier_steps,
+            seed=self.config.seed,
+        )
+
+    def sample_params(
+        self, params: dict[str, Tensor], n: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        r"""``n`` images from the downstream DDPM with parameters ``params`` (a hypernetwork's
+        or a direct UNet's)."""
+        with bind(self.downstream, params):
+            return self.downstream.sample(n, steps=self.t.sample_steps, generator=generator)
+
     @torch.no_grad()
     def sample_class(
         self, unet: nn.Module, k: int, n: int, generator: torch.Generator | None = None
@@ -249,9 +276,7 @@ class DDPMTask(Task):
         self, hypernetwork: nn.Module, direct: nn.ModuleList, history: History, out: Path
     ) -> dict[str, Any]:
         images = self.sets.images
-        judge = DigitClassifier.fit(
-            self.sets.x_train, images.y_train, steps=self.t.classifier_steps, seed=self.config.seed
-        )
+        judge = self.judge()
         real_test = judge.features(self.sets.x_test)
         n = self.t.samples_per_class * (1 if len(self.sets) > 1 else 10)
         samples: dict[str, list[Tensor]] = {"hypernetwork": [], "direct": []}
@@ -264,10 +289,7 @@ class DDPMTask(Task):
                     if name == "hypernetwork"
                     else dict(direct[k].named_parameters())
                 )
-            with bind(self.downstream, params):
-                samples[name].append(
-                    self.downstream.sample(n, steps=self.t.sample_steps, generator=gen).cpu()
-                )
+            samples[name].append(self.sample_params(params, n, gen).cpu())
         metrics: dict[str, Any] = {
             "fd_truth": frechet_distance(judge.features(self.sets.x_train), real_test),
             "classifier_test_accuracy": (judge(self.sets.x_test).argmax(1) == images.y_test)
@@ -285,12 +307,10 @@ class DDPMTask(Task):
             # hypernetwork's and the direct UNets' samples) draws exactly what it drew without it.
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.config.seed + 3000)
-                unet = self.class_unet()
                 start = time.perf_counter()
-                history = {**history, "class_unet": self.train_class_unet(unet)}
+                unet, losses = self.class_baseline()
+                history = {**history, "class_unet": losses}
                 metrics["class_unet_train_seconds"] = time.perf_counter() - start
-                unet.eval()
                 gen = torch.Generator(self.device).manual_seed(self.config.seed + 3000)
                 samples["class_unet"] = [
                     self.sample_class(unet, k, n, gen).cpu()
