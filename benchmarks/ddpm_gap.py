@@ -1,0 +1,173 @@
+"""The DDPM's gap to the class-embedding UNet: training noise, and variants that might close it.
+
+Trains the amortized ``ddpm`` run's hypernetwork (variants of it) and its class-embedding UNet
+alone, each on the trainer's draws of sets (its generator, seeded with the run's seed), with
+the global RNG (the denoising loss's steps and noise) seeded ``10000 + stream`` for each
+training stream, so that the spread over streams is the training noise. Each trained model is
+sampled (500 images per class, sampling seed 50000) and judged as the run judges it: the FD in
+the run's classifier's features against the held-out digits, and the share of samples in the
+conditioned class.
+
+Variants: ``class`` (the class-embedding UNet), ``default`` (the run's hypernetwork),
+``lr=X`` (its lr; the base keeps ``direct_lr``), ``ema=D`` (evaluated with an exponential
+moving average of its weights, decay ``D``), ``shift`` (a FiLM head that shifts the vectors
+only: biases and norm parameters per class, every matrix the shared base's).
+
+    python benchmarks/ddpm_gap.py --variants=class,default,lr=0.003,shift --streams=1,2
+    # about 5 minutes per variant and stream on one core of the 2-core CPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the experiments package
+
+
+def shift_only_head(in_features: int, shapes: Any) -> nn.Module:
+    r"""A :class:`~torchhyper.heads.FiLMHead` whose row scales of matrices stay at 1: their
+    gradients are masked out, so Adam never moves them."""
+    from torchhyper.heads import FiLMHead
+
+    head = FiLMHead(in_features, shapes)
+    keep = head.vector[head.owner].float()
+    head.linear.weight.register_hook(lambda g: g * keep[:, None])
+    head.linear.bias.register_hook(lambda g: g * keep)
+    return head
+
+
+def train(variant: str, stream: int, config: Any, task: Any) -> tuple[nn.Module, str]:
+    r"""One trained model of ``variant``, in eval mode, and its kind (``hyper`` or ``class``)."""
+    from experiments.tasks.base import lr_factor, mean_loss
+    from experiments.train import build_models, build_optimizers
+    from torchhyper import HyperNetwork
+
+    name, _, value = variant.partition("=")
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)  # the trainer's draws of sets
+    if name == "class":
+        torch.manual_seed(config.seed + 3000)  # its init, as the run draws it
+        unet = task.class_unet()
+        optimizer = torch.optim.Adam(unet.parameters(), lr=config.direct_lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(lr_factor, config)
+        )
+        torch.manual_seed(10_000 + stream)
+        unet.train()
+        for _ in range(config.steps):
+            sets = [task.sample(generator) for _ in range(config.sets_per_step)]
+            loss = task.class_loss(unet, sets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        return unet.eval(), "class"
+    if name == "lr":
+        config.lr = float(value)
+    if name == "shift":
+        model: nn.Module = HyperNetwork(
+            task.input_dim, config.hidden_sizes, task.downstream, head=shift_only_head
+        )
+    elif name in ("default", "lr", "ema"):
+        model = build_models(config, task, torch.device("cpu"))[0]
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    optim = build_optimizers(config, model, nn.ModuleList())
+    optimizer, schedule = optim["optimizers"]["hypernetwork"], optim["schedulers"]["hypernetwork"]
+    decay = float(value) if name == "ema" else None
+    average = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(10_000 + stream)
+    model.train()
+    for _ in range(config.steps):
+        sets = [task.sample(generator) for _ in range(config.sets_per_step)]
+        loss = mean_loss([task.loss(model(batch), batch) for _, batch in sets])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if decay is not None:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    average[n].lerp_(p, 1 - decay)
+    if decay is not None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(average[n])
+    return model.eval(), "hyper"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="class,default,lr=0.003,shift")
+    parser.add_argument("--streams", default="1,2", help="training RNG streams, comma-separated")
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed (data, judge, init)")
+    parser.add_argument("--steps", type=int, default=0, help="0: the run's")
+    parser.add_argument("--samples", type=int, default=500, help="samples per class")
+    args = parser.parse_args()
+
+    from experiments.config import load_run
+    from experiments.registry import build_task
+    from experiments.tasks.judge import frechet_distance
+
+    overrides = [
+        f"--seed={args.seed}",
+        "--out_dir=unused",
+        f"--task.samples_per_class={args.samples}",
+    ]
+    if args.steps:
+        overrides.append(f"--steps={args.steps}")
+    torch.set_num_threads(1)
+    streams = [int(s) for s in args.streams.split(",")]
+    rows = []
+    for variant in args.variants.split(","):
+        fds, shares = [], []
+        for stream in streams:
+            config = load_run("ddpm", overrides)
+            torch.manual_seed(config.seed)
+            task = build_task(config, torch.device("cpu"))
+            judge = task.judge()
+            real = judge.features(task.sets.x_test)
+            model, kind = train(variant, stream, config, task)
+            generator = torch.Generator().manual_seed(50_000)
+            per_class: list[Tensor] = []
+            with torch.no_grad():
+                for k in range(len(task.sets)):
+                    if kind == "hyper":
+                        params = model(task.sets.train(k))
+                        per_class.append(task.sample_params(params, args.samples, generator))
+                    else:
+                        per_class.append(task.sample_class(model, k, args.samples, generator))
+            fds.append(frechet_distance(judge.features(torch.cat(per_class)), real))
+            hits = [
+                (judge(x).argmax(1) == c).float().mean().item()
+                for c, x in zip(task.sets.classes, per_class)
+            ]
+            shares.append(sum(hits) / len(hits))
+            print(
+                f"{variant} stream {stream}: FD {fds[-1]:.3f}, share {shares[-1]:.3f}", flush=True
+            )
+        rows.append((variant, fds, shares))
+    reference = next((statistics.median(f) for v, f, _ in rows if v == "class"), None)
+    print(f"\n### ddpm, seed {args.seed}, streams {streams}, {args.samples} samples per class\n")
+    print("| variant | FD per stream | median | / class UNet | class share |")
+    print("| --- | --- | --- | --- | --- |")
+    for variant, fds, shares in rows:
+        median = statistics.median(fds)
+        ratio = f"{median / reference:.2f}x" if reference else "-"
+        print(
+            f"| {variant} | {' '.join(f'{f:.3f}' for f in fds)} | {median:.3f} | {ratio} "
+            f"| {statistics.median(shares):.1%} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
