@@ -8,10 +8,18 @@ sampled (500 images per class, sampling seed 50000) and judged as the run judges
 the run's classifier's features against the held-out digits, and the share of samples in the
 conditioned class.
 
-Variants: ``class`` (the class-embedding UNet), ``default`` (the run's hypernetwork),
+Variants: ``class`` (the class-embedding UNet), ``class0`` (the same, its class embedding
+initialized to zeros instead of diffusers' N(0, 1)), ``default`` (the run's hypernetwork),
 ``lr=X`` (its lr; the base keeps ``direct_lr``), ``ema=D`` (evaluated with an exponential
 moving average of its weights, decay ``D``), ``shift`` (a FiLM head that shifts the vectors
-only: biases and norm parameters per class, every matrix the shared base's).
+only: biases and norm parameters per class, every matrix the shared base's), ``include=G``
+(the hypernetwork generates only the parameters that match the glob ``G``, several joined by
+``+``; the downstream's other parameters are shared by every class and trained directly, at
+``direct_lr``, with it; ``include=unet.time_embedding.linear_2.bias`` is the class-embedding
+UNet's family, with the class's embedding read from its set), ``unit`` and ``include1=G`` (the
+``default`` and ``include=G`` hypernetworks with every generated vector shifted in absolute
+units, scale 1, instead of in units of its spread: a class embedding's pace), ``cnn`` (the
+``default`` with the run's ``encoder="cnn"``: two convolutions over each image of the set).
 
     python benchmarks/ddpm_gap.py --variants=class,default,lr=0.003,shift --streams=1,2
     # about 5 minutes per variant and stream on one core of the 2-core CPU machine
@@ -54,9 +62,11 @@ def train(variant: str, stream: int, config: Any, task: Any) -> tuple[nn.Module,
     name, _, value = variant.partition("=")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)  # the trainer's draws of sets
-    if name == "class":
+    if name in ("class", "class0"):
         torch.manual_seed(config.seed + 3000)  # its init, as the run draws it
         unet = task.class_unet()
+        if name == "class0":  # every class starts at the shared UNet, as a hypernetwork does
+            nn.init.zeros_(unet.class_embedding.weight)
         optimizer = torch.optim.Adam(unet.parameters(), lr=config.direct_lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, functools.partial(lr_factor, config)
@@ -77,12 +87,29 @@ def train(variant: str, stream: int, config: Any, task: Any) -> tuple[nn.Module,
         model: nn.Module = HyperNetwork(
             task.input_dim, config.hidden_sizes, task.downstream, head=shift_only_head
         )
-    elif name in ("default", "lr", "ema"):
+    elif name in ("include", "include1"):
+        model = HyperNetwork(
+            task.input_dim, config.hidden_sizes, task.downstream, include=value.split("+")
+        )
+    elif name in ("default", "lr", "ema", "unit", "cnn"):
+        if name == "cnn":
+            config.encoder = "cnn"
         model = build_models(config, task, torch.device("cpu"))[0]
     else:
         raise ValueError(f"unknown variant {variant!r}")
+    if name in ("include1", "unit"):  # vectors shifted in absolute units, not their spread's
+        model.scale.fill_(1.0)
     optim = build_optimizers(config, model, nn.ModuleList())
     optimizer, schedule = optim["optimizers"]["hypernetwork"], optim["schedulers"]["hypernetwork"]
+    if name.startswith("include"):  # the parameters not generated: shared, trained directly
+        generated = set(model.names)
+        shared = [p for n, p in task.downstream.named_parameters() if n not in generated]
+        for p in shared:
+            p.requires_grad_(True)
+        optimizer.add_param_group({"params": shared, "lr": config.direct_lr})
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(lr_factor, config)
+        )
     decay = float(value) if name == "ema" else None
     average = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.manual_seed(10_000 + stream)
