@@ -111,7 +111,8 @@ class HyperNetwork(_Generator):
             ``encoder``, the widths of an MLP after it; ``[]`` for none.
         downstream: The module whose parameters are generated.
         include: Glob pattern(s) of parameter names to generate; others keep the module's
-            own values. Default: all.
+            own values, which the hypernetwork does not train (to share and train them, give
+            them to your optimizer with ``requires_grad=True``). Default: all.
         exclude: Glob pattern(s) of parameter names not to generate.
         head: ``"auto"`` (dense for at most 4096 generated values, else
             :class:`~torchhyper.heads.FiLMHead`, or with ``base="none"`` a
