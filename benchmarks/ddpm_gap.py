@@ -99,17 +99,14 @@ def train(variant: str, stream: int, config: Any, task: Any) -> tuple[nn.Module,
         raise ValueError(f"unknown variant {variant!r}")
     if name in ("include1", "unit"):  # vectors shifted in absolute units, not their spread's
         model.scale.fill_(1.0)
-    optim = build_optimizers(config, model, nn.ModuleList())
-    optimizer, schedule = optim["optimizers"]["hypernetwork"], optim["schedulers"]["hypernetwork"]
+    shared = nn.ModuleList()
     if name.startswith("include"):  # the parameters not generated: shared, trained directly
         generated = set(model.names)
-        shared = [p for n, p in task.downstream.named_parameters() if n not in generated]
-        for p in shared:
-            p.requires_grad_(True)
-        optimizer.add_param_group({"params": shared, "lr": config.direct_lr})
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, functools.partial(lr_factor, config)
-        )
+        for n, p in task.downstream.named_parameters():
+            p.requires_grad_(n not in generated)
+        shared.append(task.downstream)  # the trainer's direct optimizer: direct_lr, same decay
+    optim = build_optimizers(config, model, shared)
+    optimizers, schedules = optim["optimizers"].values(), optim["schedulers"].values()
     decay = float(value) if name == "ema" else None
     average = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.manual_seed(10_000 + stream)
@@ -117,10 +114,12 @@ def train(variant: str, stream: int, config: Any, task: Any) -> tuple[nn.Module,
     for _ in range(config.steps):
         sets = [task.sample(generator) for _ in range(config.sets_per_step)]
         loss = mean_loss([task.loss(model(batch), batch) for _, batch in sets])
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        schedule.step()
+        for optimizer, schedule in zip(optimizers, schedules):
+            optimizer.step()
+            schedule.step()
         if decay is not None:
             with torch.no_grad():
                 for n, p in model.named_parameters():
