@@ -10,6 +10,7 @@ import pytest
 import torch
 from downstreams import CASES, IDS
 from torch import nn
+from torch.func import functional_call
 
 from torchhyper import HyperNetwork
 from torchhyper.heads import (
@@ -18,6 +19,7 @@ from torchhyper.heads import (
     DenseHead,
     FiLMHead,
     Head,
+    HybridHead,
     LoRAHead,
     LowRankHead,
     NoUpdate,
@@ -36,6 +38,9 @@ FACTORIES = {
     "lowrank": functools.partial(LowRankHead, rank=3),
     "lora": functools.partial(LoRAHead, rank=3),
 }
+# On a base only: a budget that gives dense maps to the two smallest tensors of SHAPES.
+HYBRID = functools.partial(HybridHead, budget=(H + 1) * 7, rank=3)
+ONES = [torch.ones(s) for s in SHAPES]  # bases with no zero rows
 
 
 def count(module: nn.Module) -> int:
@@ -53,41 +58,61 @@ def test_parameter_counts():
     assert count(LoRAHead(H, SHAPES, rank=r)) == r * rows_cols + (H + 1) * r * len(SHAPES)
 
 
-def test_auto_policy_thresholds():
+def test_auto_policy_decides_by_cost():
+    """Dense while (H + 1) N fits 2**20 parameters; above, HybridHead on a base (dense maps for the
+    smallest tensors within that budget) or LoRAHead without one. The head says why."""
+    fits = 2**20 // (H + 1)  # the most values a dense head may generate
     for base in (True, False):
-        assert isinstance(auto_head(H, [(4096,)], base=base), DenseHead)
-    assert isinstance(auto_head(H, [(4097,)]), FiLMHead)
-    assert isinstance(auto_head(H, [(4097,)], base=False), LoRAHead)
-    assert (
-        auto_head(H, [(64, 64), (64,)], base=False).rank == 2
-    )  # 4160 / 8 // ((64 + 64 + 13) + (64 + 1 + 13))
+        head = auto_head(H, [(fits,)], base=base)
+        assert isinstance(head, DenseHead) and "within the budget of 1,048,576" in head.reason
+    head = auto_head(H, [(fits + 1,)])
+    assert isinstance(head, HybridHead) and "over the budget of 1,048,576" in head.reason
+    assert isinstance(auto_head(H, [(fits + 1,)], base=False), LoRAHead)
     assert auto_head(H, [(1000, 1000)], base=False).rank == 16  # capped
+    # Smallest first: the vector and the small matrix get dense maps, the large one does not.
+    head = auto_head(H, [(2000, 600), (2000,), (10, 600)])
+    assert head.dense_index == [1, 2] and head.scaled_index == [0]
+    assert head.budget == 2**20
+    # Without the bases every other tensor gets the additive term; with them, only those with a
+    # row of zeros (and vectors).
+    assert head.scaled.additive == [True]
+    bases = [torch.ones(2000, 600), torch.ones(2000), torch.ones(10, 600)]
+    assert auto_head(H, [b.shape for b in bases], bases=bases).scaled.additive == [False]
+    bases[0][7] = 0
+    assert auto_head(H, [b.shape for b in bases], bases=bases).scaled.additive == [True]
+    assert "dense maps for the 2 smallest of 3 tensors" in head.reason
     gmm = CASES[IDS.index("gmm")].build()
     assert isinstance(HyperNetwork(1, [32, 64, 96], gmm).head, DenseHead)
 
 
 @pytest.mark.parametrize("input_dim", [2, 794])
 def test_auto_seed_constructor(input_dim):
-    """Above 4096 generated values the seed constructor's default is a learned base + FiLM."""
+    """The seed constructor's default on a 269 k MLP: a learned base and a HybridHead with dense
+    maps for the biases and the output layer, a row scale and a rank-8 update for the rest."""
     mlp = nn.Sequential(
         nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
     )
     hyper = HyperNetwork(input_dim, [32, 64, 96], mlp)
-    assert isinstance(hyper.head, FiLMHead) and hyper.base == "learned"
-    # Row scales of the three matrices, shifts of the three biases, from H = 96.
-    assert count(hyper.head) == 97 * ((256 + 256 + 10) + (256 + 256 + 10))
+    head = hyper.head
+    assert isinstance(head, HybridHead) and hyper.base == "learned"
+    assert head.dense_index == [1, 3, 4, 5] and head.scaled_index == [0, 2]
+    dense = 97 * (256 + 256 + 2560 + 10)
+    scaled = 97 * (256 + 256)  # row scales: no row of the bases is zero, no additive term
+    assert count(head) == dense + scaled
     assert sum(b.numel() for b in hyper.bases) == hyper.numel == 269_322
-    assert "base='learned'" in repr(hyper) and "FiLMHead" in repr(hyper)
+    assert "base='learned'" in repr(hyper)
+    assert "head=HybridHead (auto: dense would need" in repr(hyper)
     text = summary(hyper).splitlines()
-    assert text[0] == "head: FiLMHead()"
-    assert text[1] == "base: learned (269,322 values, trained)"
-    assert text[3].startswith(
+    assert text[0] == "head: HybridHead(rank=8)"
+    assert text[1].startswith("why: auto: dense would need 26,124,234 parameters, over the")
+    assert text[2] == "base: learned (269,322 values, trained)"
+    assert text[4].startswith(
         f"trained parameters: {count(hyper):,} ({count(hyper) / hyper.numel:.3g}x generated)"
     )
-    assert f"head {count(hyper.head):,}" in text[3] and "bases 269,322" in text[3]
+    assert f"head {count(hyper.head):,}" in text[4] and "bases 269,322" in text[4]
     frozen = HyperNetwork(input_dim, [32, 64, 96], mlp, base="frozen")
-    assert summary(frozen).splitlines()[1] == "base: frozen (269,322 values, fixed)"
-    assert "bases" not in summary(frozen).splitlines()[3]
+    assert summary(frozen).splitlines()[2] == "base: frozen (269,322 values, fixed)"
+    assert "bases" not in summary(frozen).splitlines()[4]
 
 
 def test_registry_is_the_one_list_of_names():
@@ -253,20 +278,20 @@ def test_validation_messages(factory, error, message):
 def test_make_head_and_summary_errors():
     names = str(head_names()).replace("[", r"\[").replace("]", r"\]")
     with pytest.raises(ValueError, match=f"head must be one of {names} or a callable, got 'lora2'"):
-        _make_head("lora2", H, SHAPES, base=True)
+        _make_head("lora2", H, SHAPES, bases=ONES)
     with pytest.raises(TypeError, match="head factory must return an nn.Module, got int"):
-        _make_head(lambda h, s: 3, H, SHAPES, base=True)
+        _make_head(lambda h, s: 3, H, SHAPES, bases=ONES)
     with pytest.raises(
         ValueError, match=r"must map an embedding \(12,\) to \(56,\) values .* got \(55,\)"
     ):
-        _make_head(lambda h, s: nn.Linear(h, 55), H, SHAPES, base=True)
+        _make_head(lambda h, s: nn.Linear(h, 55), H, SHAPES, bases=ONES)
     with pytest.raises(
         TypeError, match=r"calling it on a dummy input of shape \(12,\) raised RuntimeError"
     ):
-        _make_head(lambda h, s: nn.Linear(h + 1, 56), H, SHAPES, base=True)
+        _make_head(lambda h, s: nn.Linear(h + 1, 56), H, SHAPES, bases=ONES)
     for name in ("film", "none"):
         with pytest.raises(ValueError, match="modulates a base, but base='none'"):
-            _make_head(name, H, SHAPES, base=False)
+            _make_head(name, H, SHAPES, bases=None)
     with pytest.raises(TypeError, match="hypernetwork must be a HyperNetwork .* got Linear"):
         summary(nn.Linear(2, 2))
 
@@ -295,7 +320,7 @@ def test_chunked_chunk_size_larger_than_numel():
     assert head.chunks == 3 and head(torch.randn(H)).shape == (10,)
 
 
-BASE_FACTORIES = FACTORIES | {"film": FiLMHead, "none": NoUpdate}
+BASE_FACTORIES = FACTORIES | {"film": FiLMHead, "none": NoUpdate, "hybrid": HYBRID}
 
 
 @pytest.mark.parametrize("name", list(BASE_FACTORIES))
@@ -356,3 +381,89 @@ def test_any_module_from_a_factory_is_wrapped_and_starts_at_the_base():
         torch.testing.assert_close(params[name], p.detach(), rtol=0, atol=0)
     sum(v.square().sum() for v in params.values()).backward()
     assert hyper.gain.grad.abs().sum() > 0
+
+
+# Every named head but the two that never move a zero base: FiLM (row scales) and no update.
+ADDITIVE = [h for h in HEADS if not HEADS[h].scales_base and h != "none"]
+
+
+@pytest.mark.parametrize("base", ["frozen", "learned"])
+@pytest.mark.parametrize("name", [*ADDITIVE, "hybrid-scaled"])
+def test_a_zero_base_moves_within_three_steps(name, base):
+    """A tensor whose base is zero (PEFT's lora_B, a zero-initialized layer) gets a nonzero
+    gradient within 3 Adam steps, and then a conditioned value, for every head that claims to
+    generate any tensor (``hybrid-scaled``: HybridHead without dense maps)."""
+    torch.manual_seed(0)
+    downstream = nn.Linear(4, 3)
+    nn.init.zeros_(downstream.weight)
+    nn.init.zeros_(downstream.bias)
+    head = functools.partial(HybridHead, budget=0) if name == "hybrid-scaled" else name
+    hyper = HyperNetwork(2, [16], downstream, head=head, base=base)
+    optimizer = torch.optim.Adam(hyper.parameters(), lr=1e-2)
+    moved = []
+    for _ in range(3):
+        c = torch.randn(8, 2)
+        x = torch.randn(8, 4)
+        target = x[:, :3] * c.mean()  # the best weights depend on the set
+        loss = (functional_call(downstream, hyper(c), x) - target).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        moved.append(
+            any(p.grad is not None and p.grad.abs().sum() > 0 for p in hyper.head.parameters())
+        )
+        optimizer.step()
+    assert any(moved), "no gradient reached the head in 3 steps"
+    hyper.eval()
+    a, b = hyper(torch.randn(8, 2)), hyper(torch.randn(8, 2) + 3)
+    assert a["weight"].abs().sum() > 0 and not torch.equal(a["weight"], b["weight"])
+
+
+@pytest.mark.parametrize("base", ["frozen", "learned"])
+def test_film_warns_of_zero_rows(base):
+    downstream = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    nn.init.zeros_(downstream[1].weight)
+    with torch.no_grad():
+        downstream[0].weight[1] = 0  # one zero row
+    fate = "never move" if base == "frozen" else "get no conditioned update until"
+    with pytest.warns(UserWarning, match=rf"\['0.weight', '1.weight'\] have zero rows and {fate}"):
+        HyperNetwork(2, [8], downstream, head="film", base=base)
+
+
+def test_hybrid_head_parts_agree_with_their_reference():
+    """Dense maps give DenseHead's values; the other tensors are (1 + gain g) * base plus the
+    low-rank term; batched embeddings give each embedding's values; a huge budget is DenseHead."""
+    torch.manual_seed(0)
+    head = HYBRID(H, SHAPES)
+    assert head.dense_index == [1, 2] and head.scaled_index == [0, 3, 4]
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p))
+    bases = [torch.randn(torch.Size(s).numel()) for s in SHAPES]
+    scale, gain = torch.rand(len(SHAPES)) + 0.5, torch.rand(len(SHAPES)) + 0.5
+    z = torch.randn(H)
+    out = head.assemble(z, bases, scale, gain)
+    dense = head.dense.assemble(z, [bases[1], bases[2]], scale[[1, 2]], gain[[1, 2]])
+    torch.testing.assert_close(out[1], dense[0])
+    torch.testing.assert_close(out[2], dense[1])
+    scaled = head.scaled
+    r = scaled.rank
+    c = scaled.coefficients(z).view(3, r)
+    lefts = scaled.left.split([m * r for m, _ in scaled.matrices])
+    rights = scaled.right.split([n * r for _, n in scaled.matrices])
+    f = scaled.factors(z).split([6, 3])  # the row scales of the two matrices (not the vector)
+    for k, (i, (rows, cols)) in enumerate(zip(head.scaled_index, scaled.matrices)):
+        lowrank = lefts[k].view(rows, r) @ torch.diag(c[k]) @ rights[k].view(cols, r).T
+        lowrank = lowrank * scale[i] * gain[i] / r**0.5
+        rowscale = 1 + gain[i] * f[k] if cols > 1 else torch.ones(rows)
+        expected = bases[i].view(rows, cols) * rowscale[:, None] + lowrank
+        torch.testing.assert_close(out[i], expected.flatten())
+    batched = head.assemble(torch.stack([z, -z]), bases, scale, gain)
+    flipped = head.assemble(-z, bases, scale, gain)
+    for a, b, v in zip(out, flipped, batched):
+        torch.testing.assert_close(v[0], a)
+        torch.testing.assert_close(v[1], b)
+    every = HybridHead(H, SHAPES, budget=10**9)
+    assert every.scaled is None and every.dense_index == list(range(len(SHAPES)))
+    assert count(every) == count(DenseHead(H, SHAPES))
+    with pytest.raises(ValueError, match="budget must be an int >= 0"):
+        HybridHead(H, SHAPES, budget=-1)

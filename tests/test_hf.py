@@ -208,7 +208,8 @@ def test_base_none_follows_the_models_own_init(case: HFCase):
     """With base="none", every generated tensor has the statistics of fresh constructions of the
     model (whatever library initialized it): mean within 0.02 std, std within 20 %, constants
     (zero biases, norm weights of 1, PEFT's zero lora_B) exactly. The tolerances add 4 standard
-    errors of the two estimates, which sampling cannot beat."""
+    errors of the two estimates, which sampling cannot beat (a dense head draws each tensor
+    afresh, without LoRAHead's exact standardization: a tensor of 4 values varies)."""
     torch.manual_seed(0)
     module = case.build()
     generated: dict[str, list[Tensor]] = {}
@@ -230,7 +231,9 @@ def test_base_none_follows_the_models_own_init(case: HFCase):
         noise = 4 * (std / math.sqrt(fresh.numel()) + got.std().item() / math.sqrt(got.numel()))
         if abs(got.mean().item() - mean) > 0.02 * std + noise:
             failures.append(f"{n}: mean {got.mean():.4g} vs the model's {mean:.4g} (std {std:.3g})")
-        if not 0.8 <= got.std().item() / std <= 1.2:
+        # A std estimated from n values is off by about 1 / sqrt(2 n) of itself.
+        spread = 0.2 + 4 * (1 / math.sqrt(2 * got.numel()) + 1 / math.sqrt(2 * fresh.numel()))
+        if not 1 - spread <= got.std().item() / std <= 1 + spread:
             failures.append(f"{n}: std {got.std():.4g} vs the model's {std:.4g}")
     assert not failures, failures
 

@@ -10,6 +10,7 @@ maps to parameters of shape ``(*, *shape)``.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import Literal, Union
 
@@ -20,7 +21,7 @@ from torchhyper._checks import module
 from torchhyper._record import _SHOWN, _few, _Recorded
 from torchhyper._spec import _describe, _lazy_names, _select
 from torchhyper.heads.build import _make_head
-from torchhyper.heads.head import HeadFactory
+from torchhyper.heads.head import Head, HeadFactory
 
 __all__: list[str] = []
 
@@ -98,9 +99,9 @@ class _Generator(_Recorded):
 
         # Gives the head an embedding of zero mean and unit variance, whatever the input scale.
         self.norm = nn.LayerNorm(in_features, elementwise_affine=False)
-        self.head = _make_head(head, in_features, self.shapes, base=base != "none")
 
         if base == "none":
+            self.head = _make_head(head, in_features, self.shapes, bases=None)
             # Full generation: offset + scale * gain * h, at the statistics of the default init.
             specs = _describe(downstream, names)
             gain = [0.0 if s.constant else 1.0 for s in specs]
@@ -115,9 +116,12 @@ class _Generator(_Recorded):
         # weight as training the downstream directly would. The head adds a conditioned update,
         # zero at init, on the centered embedding.
         values = [params[n].detach().to("cpu", dtype, copy=True) for n in names]
+        self.head = _make_head(head, in_features, self.shapes, bases=values)
         self.bases = nn.ParameterList(
             [nn.Parameter(v, requires_grad=base == "learned") for v in values]
         )
+        if self.head.scales_base:
+            _warn_unmoved(self.head, names, values, frozen=base == "frozen")
         starts_at_zero = self.head.zero_update_()
         self.gain = nn.Parameter(torch.full((len(names),), 1.0 if starts_at_zero else 0.0))
         self.register_buffer("scale", torch.tensor([_spread(v) for v in values]))
@@ -164,8 +168,10 @@ class _Generator(_Recorded):
 
     def _generated_repr(self) -> str:
         own = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        reason = f" ({self.head.reason})" if self.head.reason else ""
         return (
             f"generated={len(self.names)} tensors ({self.numel} values), base={self.base!r}, "
+            f"head={type(self.head).__name__}{reason}, "
             f"trained={own} ({own / self.numel:.3g}x generated)"
         )
 
@@ -240,6 +246,30 @@ def _check_downstream(
             + f" leave them to the module with exclude={not_real[:_SHOWN]!r}"
         )
     return names
+
+
+def _warn_unmoved(head: Head, names: list[str], values: list[Tensor], *, frozen: bool) -> None:
+    """Warns of the matrices that ``head``, whose update scales the base's rows, cannot move:
+    those with a row of zeros (all of their rows, for PEFT's ``lora_B``)."""
+    unmoved = [
+        n
+        for n, v in zip(names, values)
+        if v.dim() >= 2 and v.numel() and bool((v.flatten(1) == 0).all(1).any())
+    ]
+    if not unmoved:
+        return
+    fate = (
+        "never move (their base is frozen)"
+        if frozen
+        else "get no conditioned update until their base moves away from zero"
+    )
+    warnings.warn(
+        f"head {type(head).__name__} scales each row of a base, so rows of zeros stay zero: "
+        f"{_few(unmoved)} have zero rows and {fate}; use head='auto' or 'hybrid' (an additive "
+        "update that moves any tensor), or exclude them",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def _mlp(in_features: int, sizes: Sequence[int], activation: type[nn.Module]) -> nn.Sequential:

@@ -53,10 +53,12 @@ from torchhyper.heads.build import auto_head, summary
 from torchhyper.heads.dense import ChunkedHead, DenseHead
 from torchhyper.heads.film import FiLMHead, NoUpdate
 from torchhyper.heads.head import HEADS, Head, HeadFactory, head_names, register_head
+from torchhyper.heads.hybrid import HybridHead
 from torchhyper.heads.lowrank import LoRAHead, LowRankHead
 
 __all__ = [
     "Head",
+    "HybridHead",
     "FiLMHead",
     "NoUpdate",
     "DenseHead",

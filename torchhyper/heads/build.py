@@ -6,48 +6,74 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Sequence
-from typing import Union
+from typing import Any, Union, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from torchhyper._checks import output_shape
 from torchhyper.heads.dense import DenseHead
-from torchhyper.heads.film import FiLMHead
 from torchhyper.heads.head import HEADS, Head, HeadFactory, _as_matrix, _ModuleHead, head_names
+from torchhyper.heads.hybrid import HybridHead
 from torchhyper.heads.lowrank import LoRAHead
 
 __all__ = ["auto_head", "summary"]
 
 
-# Up to this many generated values, head="auto" takes the dense head: at most about 400 k
-# parameters for H = 96, the fastest to train and the best at fitting (a GMM, a small flow).
-_AUTO_DENSE_MAX = 4096
-# With no base and above it, LoRAHead with the largest rank up to _AUTO_MAX_RANK whose
+# head="auto" lets dense maps hold at most this many parameters: 4 MB in float32, 12 MB with
+# Adam's state.
+_AUTO_BUDGET = 2**20
+# With no base and above the budget, LoRAHead with the largest rank up to _AUTO_MAX_RANK whose
 # parameters stay within _AUTO_HEAD_SHARE of the generated values.
 _AUTO_MAX_RANK = 16
 _AUTO_HEAD_SHARE = 0.125
 
 
-def auto_head(in_features: int, shapes: Sequence[Sequence[int]], *, base: bool = True) -> Head:
-    r"""The head ``head="auto"`` builds: :class:`DenseHead` for at most 4096 generated values;
-    above that :class:`FiLMHead` on a base, or with no base a :class:`LoRAHead` with the
-    largest rank (at most 16) that keeps it within 0.125x the generated values.
+def auto_head(
+    in_features: int,
+    shapes: Sequence[Sequence[int]],
+    *,
+    base: bool = True,
+    bases: Sequence[Tensor] | None = None,
+) -> Head:
+    r"""The head ``head="auto"`` builds, decided by what a dense head would cost.
+
+    The budget is ``2**20`` parameters (4 MB in float32). A dense head costs ``(H + 1) N`` for
+    ``N`` generated values: within the budget, :class:`DenseHead`, the fastest to learn. Above
+    it, on a base, :class:`HybridHead` with that budget: dense maps for the smallest tensors
+    that fit, a scale per row for the others, plus a low-rank additive update where scaling
+    cannot move a tensor (a zero base). With no base, a :class:`LoRAHead` with the largest rank
+    (at most 16) that keeps it within 0.125x the generated values. The returned head's
+    ``reason`` says which and why (:func:`summary` and the hypernetwork's repr show it).
 
     Args:
         in_features: The embedding width ``H``.
         shapes: The shapes of the generated tensors.
         base: Whether the hypernetwork has a base (``base="learned"`` or ``"frozen"``).
+        bases: The bases' values, for :class:`HybridHead` (which tensors need its additive
+            term).
     """
     sizes = [torch.Size(s) for s in shapes]
     numel = sum(s.numel() for s in sizes)
-    if numel <= _AUTO_DENSE_MAX:
-        return DenseHead(in_features, shapes)
+    budget = _AUTO_BUDGET
+    cost = (in_features + 1) * numel
+    head: Head
+    if cost <= budget:
+        head = DenseHead(in_features, shapes)
+        head.reason = f"auto: dense needs {cost:,} parameters, within the budget of {budget:,}"
+        return head
+    over = f"auto: dense would need {cost:,} parameters, over the budget of {budget:,}"
     if base:
-        return FiLMHead(in_features, shapes)
+        head = HybridHead(in_features, shapes, budget=budget, bases=bases)
+        head.reason = (
+            f"{over}; dense maps for the {len(head.dense_index)} smallest of {len(sizes)} tensors"
+        )
+        return head
     per_rank = sum(sum(_as_matrix(s)) + in_features + 1 for s in sizes)
     rank = int(min(_AUTO_MAX_RANK, max(1, _AUTO_HEAD_SHARE * numel // per_rank)))
-    return LoRAHead(in_features, shapes, rank=rank)
+    head = LoRAHead(in_features, shapes, rank=rank)
+    head.reason = f"{over}; with base='none', a LoRAHead of rank {rank}"
+    return head
 
 
 def summary(hypernetwork: nn.Module) -> str:
@@ -59,14 +85,18 @@ def summary(hypernetwork: nn.Module) -> str:
             :class:`~torchhyper.EmbeddingHyperNetwork`.
 
     Returns:
-        A few lines of text: the head, the base, the generated values, and the trained
-        parameters by submodule.
+        A few lines of text: the head (and why ``head="auto"`` chose it), the base, the
+        generated values, and the trained parameters by submodule.
 
     Example:
         >>> from torchhyper import HyperNetwork
-        >>> hyper = HyperNetwork(4, [32, 64, 96], nn.Linear(300, 300))
-        >>> print(summary(hyper).splitlines()[:2])
-        ['head: FiLMHead()', 'base: learned (90,300 values, trained)']
+        >>> hyper = HyperNetwork(4, [32, 64, 96], nn.Linear(30, 30))
+        >>> print(summary(hyper))
+        head: DenseHead()
+        why: auto: dense needs 90,210 parameters, within the budget of 1,048,576
+        base: learned (930 values, trained)
+        generated: 930 values in 2 tensors
+        trained parameters: 99,654 (107x generated): gain 2, encoder 8,512, head 90,210, bases 930
     """
     head = getattr(hypernetwork, "head", None)
     numel = getattr(hypernetwork, "numel", None)
@@ -88,8 +118,10 @@ def summary(hypernetwork: nn.Module) -> str:
     detail = ", ".join(f"{k} {v:,}" for k, v in parts.items())
     base = getattr(hypernetwork, "base", "none")
     how = {"learned": "trained", "frozen": "fixed"}.get(base)
+    reason = getattr(head, "reason", "")
     return (
         f"head: {type(head).__name__}({options})\n"
+        + (f"why: {reason}\n" if reason else "")
         + (f"base: {base} ({numel:,} values, {how})\n" if how else "base: none\n")
         + f"generated: {numel:,} values in {tensors} tensors\n"
         f"trained parameters: {total:,} ({total / numel:.3g}x generated): {detail}"
@@ -107,9 +139,16 @@ def _head_options(head: type[Head]) -> list[str] | None:
 
 
 def _make_head(
-    head: Union[str, HeadFactory], in_features: int, shapes: Sequence[Sequence[int]], *, base: bool
+    head: Union[str, HeadFactory],
+    in_features: int,
+    shapes: Sequence[Sequence[int]],
+    *,
+    bases: Sequence[Tensor] | None,
 ) -> Head:
-    """Builds ``head=`` as a :class:`Head`, wrapping any other module once, and checks it."""
+    """Builds ``head=`` as a :class:`Head`, wrapping any other module once, and checks it.
+    ``bases`` are the bases' values (``None`` with ``base="none"``), passed to a head whose
+    factory takes a ``bases`` keyword."""
+    base = bases is not None
     if isinstance(head, str):
         if head != "auto" and head not in HEADS:
             raise ValueError(f"head must be one of {head_names()} or a callable, got {head!r}")
@@ -122,6 +161,8 @@ def _make_head(
         raise TypeError(
             f"head must be a name or a callable (in_features, shapes) -> Head, got {head!r}"
         )
+    if base and _takes_bases(factory):
+        factory = functools.partial(cast(Any, factory), bases=bases)
     module = factory(in_features, shapes)
     if not isinstance(module, nn.Module):
         raise TypeError(f"head factory must return an nn.Module, got {type(module).__name__}")
@@ -141,3 +182,16 @@ def _make_head(
             "use base='learned' or 'frozen', or a head that generates tensors (e.g. 'dense')"
         )
     return module
+
+
+def _takes_bases(factory: HeadFactory) -> bool:
+    """Whether ``factory`` takes a ``bases`` keyword (``auto_head``, :class:`HybridHead`)."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+        return False
+    bases = parameters.get("bases")
+    return bases is not None and bases.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )

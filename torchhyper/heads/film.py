@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from torchhyper.heads.head import Head, _as_matrix, _zero, register_head
+from torchhyper.heads.head import Head, _as_matrix, _scale_rows, _zero, register_head
 
 __all__ = ["FiLMHead", "NoUpdate"]
 
@@ -39,6 +39,7 @@ class FiLMHead(Head):
     """
 
     needs_base = True
+    scales_base = True
     vector: Tensor
     owner: Tensor
     one: Tensor
@@ -75,7 +76,7 @@ class FiLMHead(Head):
             if cols == 1:
                 out.append(base + f)
             else:
-                out.append((base.view(rows, cols) * f.unsqueeze(-1)).view(*batch, rows * cols))
+                out.append(_scale_rows(base.view(rows, cols), f).view(*batch, rows * cols))
         return out
 
     def zero_update_(self) -> bool:

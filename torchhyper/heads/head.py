@@ -3,7 +3,7 @@ r"""The head contract (:class:`Head`) and the registry of named heads (:data:`HE
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,11 @@ class Head(nn.Module):
 
     #: Whether the head only modulates a base (it cannot generate tensors from scratch).
     needs_base: bool = False
+    #: Whether its update to a matrix is proportional to the base's rows, so that a zero base
+    #: (or a zero row) never moves (:class:`~torchhyper.heads.FiLMHead`).
+    scales_base: bool = False
+    #: Why this head was chosen, when ``head="auto"`` chose it (see :func:`auto_head`).
+    reason: str = ""
 
     def __init__(self, in_features: int, shapes: Sequence[Sequence[int]]) -> None:
         super().__init__()
@@ -130,6 +135,31 @@ def _assemble(
     # (an index_add over N values) cost as much as a small downstream's step.
     parts = raw.split(numels, dim=-1)
     return [torch.addcmul(b, h, c) for h, c, b in zip(parts, coef.unbind(), bases)]
+
+
+def _scale_rows(base: Tensor, factor: Tensor) -> Tensor:
+    """``base (rows, cols) * factor[..., None]`` for factors ``(*, rows)``: each row of the base
+    scaled, one matrix per factor."""
+    if factor.dim() == 1 and not torch.compiler.is_compiling():
+        return cast(Tensor, _ScaleRows.apply(base, factor))  # type: ignore[no-untyped-call]
+    return base * factor.unsqueeze(-1)
+
+
+class _ScaleRows(torch.autograd.Function):
+    """``base * factor[:, None]`` with a backward that reads the gradient once per input: the
+    factor's gradient is a row-wise dot product (no temporary of the matrix's size)."""
+
+    @staticmethod
+    def forward(ctx: Any, base: Tensor, factor: Tensor) -> Tensor:
+        ctx.save_for_backward(base, factor)
+        return base * factor.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        base, factor = ctx.saved_tensors
+        grad_base = grad * factor.unsqueeze(-1) if ctx.needs_input_grad[0] else None
+        grad_factor = torch.linalg.vecdot(grad, base) if ctx.needs_input_grad[1] else None
+        return grad_base, grad_factor
 
 
 def _zero(*params: Tensor) -> bool:

@@ -1,0 +1,230 @@
+r"""The default update above the dense head's budget: :class:`HybridHead`, dense maps for the
+small tensors and a scalable update, which moves any base (zeros included), for the rest."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from torchhyper._checks import positive_int
+from torchhyper.heads.dense import DenseHead
+from torchhyper.heads.head import Head, _as_matrix, _scale_rows, _zero, register_head
+
+__all__ = ["HybridHead"]
+
+
+@register_head("hybrid")
+class HybridHead(Head):
+    r"""Dense maps for the tensors that fit a parameter budget; for the others, a scale per row
+    and, where scaling cannot move a tensor, a low-rank additive update.
+
+    Tensors are taken smallest first (biases, norms, output layers, adapter factors: where
+    conditioning tends to act, as in BitFit and head-only adaptation) and each gets a
+    :class:`~torchhyper.heads.DenseHead` map, ``(H + 1)`` parameters per value, while the dense
+    maps hold at most ``budget`` parameters. Every other tensor, viewed as a matrix
+    ``(rows, cols)`` (a vector as ``(n, 1)``), is generated as
+
+    ``theta_i(z) = (1 + gain_i g_i(z)) * base_i + scale_i gain_i A_i diag(c_i(z)) B_i^T / sqrt(r)``
+
+    with ``g_i`` one scale per row (matrices only, as :class:`~torchhyper.heads.FiLMHead`), and
+    a rank-``r`` additive term, as LoRA adapts a weight: learned factors ``A_i (rows, r)`` and
+    ``B_i (cols, r)``, coefficients ``c_i`` predicted from the embedding. The additive term is
+    given to the tensors that a row scale cannot move: vectors, and, when ``bases`` is given
+    (the hypernetwork gives it), matrices with a row of zeros (PEFT's ``lora_B``,
+    zero-initialized projections); without ``bases``, to every tensor. ``g``, ``B`` and the dense
+    maps start at zero, so the update starts at exactly zero, with gradients from the first step.
+
+    Parameters: ``(H + 1) n_d`` for the ``n_d`` values with dense maps, ``(H + 1) rows`` per other
+    matrix, and ``r (rows + cols + H + 1)`` per tensor with the additive term. Cost per generated
+    set: a product with the dense maps, one pass over the other values, and ``r`` multiply-adds
+    per value of the tensors with the additive term.
+
+    Args:
+        in_features: The embedding width ``H``.
+        shapes: The shapes of the generated tensors.
+        budget: The most parameters the dense maps may hold; 0 for none.
+        rank: The rank ``r`` of the additive terms.
+        bases: The base of each tensor (``HyperNetwork`` passes them): only tensors with a row of
+            zeros, and vectors, then get the additive term.
+
+    References:
+        | HyperNetworks (Ha, Dai and Le, 2016) https://arxiv.org/abs/1609.09106
+        | LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021)
+        | https://arxiv.org/abs/2106.09685
+        | BitFit (Ben Zaken, Ravfogel and Goldberg, 2021) https://arxiv.org/abs/2106.10199
+    """
+
+    needs_base = True
+
+    def __init__(
+        self,
+        in_features: int,
+        shapes: Sequence[Sequence[int]],
+        *,
+        budget: int = 2**20,
+        rank: int = 8,
+        bases: Sequence[Tensor] | None = None,
+    ) -> None:
+        super().__init__(in_features, shapes)
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise ValueError(f"budget must be an int >= 0 (parameters), got {budget!r}")
+        positive_int("rank", rank)
+        self.budget = budget
+        self.rank = rank
+        # Smallest first, while the dense maps fit the budget (ties keep the tensors' order).
+        order = sorted(range(len(self.shapes)), key=lambda i: self.numels[i])
+        dense: list[int] = []
+        spent = 0
+        for i in order:
+            cost = (in_features + 1) * self.numels[i]
+            if spent + cost > budget:
+                break
+            spent += cost
+            dense.append(i)
+        self.dense_index = sorted(dense)
+        self.scaled_index = [i for i in range(len(self.shapes)) if i not in set(dense)]
+        dense_shapes = [self.shapes[i] for i in self.dense_index]
+        self.dense = DenseHead(in_features, dense_shapes) if dense_shapes else None
+        if bases is not None and len(bases) != len(self.shapes):
+            raise ValueError(
+                f"bases must hold one tensor per shape ({len(self.shapes)}), got {len(bases)}"
+            )
+        # Without the bases, every tensor gets the additive term; with them, those that a row
+        # scale cannot move: a row of zeros (PEFT's lora_B: every row), or a vector.
+        additive = [bases is None or _has_zero_row(bases[i]) for i in self.scaled_index]
+        self.scaled = (
+            _RowsPlusLowRank(
+                in_features,
+                [self.shapes[i] for i in self.scaled_index],
+                rank=rank,
+                additive=additive,
+            )
+            if self.scaled_index
+            else None
+        )
+
+    def assemble(
+        self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
+    ) -> list[Tensor]:
+        if bases and bases[0].dim() == 0:  # base="none" passes scalar offsets
+            raise ValueError(
+                "HybridHead updates a base: build the hypernetwork with base='learned' or 'frozen'"
+            )
+        out: list[Tensor] = [z] * len(self.shapes)  # placeholders, all replaced
+        for part, index in ((self.dense, self.dense_index), (self.scaled, self.scaled_index)):
+            if part is None:
+                continue
+            values = part.assemble(z, [bases[i] for i in index], scale[index], gain[index])
+            for i, v in zip(index, values):
+                out[i] = v
+        return out
+
+    def zero_update_(self) -> bool:
+        for part in (self.dense, self.scaled):
+            if part is not None:
+                part.zero_update_()
+        return True
+
+    def extra_repr(self) -> str:
+        dense = sum(self.numels[i] for i in self.dense_index)
+        return (
+            f"{super().extra_repr()}, dense={len(self.dense_index)} tensors ({dense} values), "
+            f"scaled={len(self.scaled_index)} tensors ({self.numel - dense} values), "
+            f"rank={self.rank}, budget={self.budget}"
+        )
+
+
+def _has_zero_row(value: Tensor) -> bool:
+    """Whether ``value``, viewed as a matrix (a row per entry of its first dimension), has a row
+    of zeros: a row that scaling cannot move."""
+    if value.dim() < 2:
+        return True  # vectors and scalars: shifted, not scaled
+    return value.numel() > 0 and bool((value.reshape(value.shape[0], -1) == 0).all(1).any())
+
+
+class _RowsPlusLowRank(Head):
+    r"""The part of :class:`HybridHead` without dense maps: ``(1 + gain g(z)) * base`` for each
+    matrix, plus ``scale gain A diag(c(z)) B^T / sqrt(r)`` for the tensors in ``additive``. The
+    factors of all those tensors sit in two flat parameters (few tensors for the optimizer)."""
+
+    needs_base = True
+
+    def __init__(
+        self,
+        in_features: int,
+        shapes: Sequence[Sequence[int]],
+        *,
+        rank: int,
+        additive: Sequence[bool],
+    ) -> None:
+        super().__init__(in_features, shapes)
+        self.rank = rank
+        self.matrices = [_as_matrix(s) for s in self.shapes]
+        # Row scales for the matrices; a vector's rows are its values, so it is only shifted.
+        self.rows = [rows if cols > 1 else 0 for rows, cols in self.matrices]
+        self.additive = [bool(a) or cols == 1 for a, (_, cols) in zip(additive, self.matrices)]
+        self.factors = nn.Linear(in_features, sum(self.rows)) if sum(self.rows) else None
+        self.additive_index = [i for i, a in enumerate(self.additive) if a]
+        low = [self.matrices[i] for i in self.additive_index]
+        self.left: nn.Parameter | None = None
+        self.right: nn.Parameter | None = None
+        self.coefficients: nn.Linear | None = None
+        if low:
+            self.left = nn.Parameter(torch.randn(sum(rows for rows, _ in low) * rank))
+            self.right = nn.Parameter(torch.zeros(sum(cols for _, cols in low) * rank))
+            self.coefficients = nn.Linear(in_features, rank * len(low))
+            # Coefficients of unit variance for an embedding of unit variance.
+            nn.init.normal_(self.coefficients.weight, std=1 / math.sqrt(in_features))
+            nn.init.zeros_(self.coefficients.bias)
+        self.zero_update_()
+
+    def assemble(
+        self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
+    ) -> list[Tensor]:
+        batch = z.shape[:-1]
+        r = self.rank
+        low = [self.matrices[i] for i in self.additive_index]
+        if self.left is not None and self.right is not None and self.coefficients is not None:
+            lefts = torch.split(self.left, [rows * r for rows, _ in low])
+            rights = torch.split(self.right, [cols * r for _, cols in low])
+            # (*, T', r): each additive tensor's coefficients, times its scale and gain.
+            coef = (scale * gain / math.sqrt(r))[self.additive_index]
+            c = self.coefficients(z).view(*batch, len(low), r) * coef.unsqueeze(-1)
+        factors = (
+            self.factors(z).split([n for n in self.rows if n], dim=-1)
+            if self.factors is not None
+            else ()
+        )
+        out = []
+        f = k = 0
+        for i, (base, (rows, cols)) in enumerate(zip(bases, self.matrices)):
+            base = base.view(rows, cols)
+            value = base
+            if self.rows[i]:
+                row = torch.addcmul(gain.new_ones(()), factors[f], gain[i])  # 1 + gain g
+                value = _scale_rows(base, row)
+                f += 1
+            if self.additive[i]:
+                left = lefts[k].view(rows, r) * c[..., k, None, :]  # (*, rows, r)
+                right = rights[k].view(cols, r)
+                k += 1
+                if batch:
+                    value = value + torch.matmul(left, right.T)
+                elif self.rows[i]:  # in place: the product's backward reads base and row
+                    value = value.addmm_(left, right.T)
+                else:
+                    value = torch.addmm(value, left, right.T)
+            elif batch and not self.rows[i]:
+                value = value.expand(*batch, rows, cols)
+            out.append(value.reshape(*batch, rows * cols))
+        return out
+
+    def zero_update_(self) -> bool:
+        if self.factors is not None:
+            _zero(self.factors.weight, self.factors.bias)
+        if self.right is not None:
+            _zero(self.right)
+        return True
