@@ -51,7 +51,9 @@ def train(
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     tasks = len(CENTERS)
-    hypernetwork = EmbeddingHyperNetwork(tasks, 8, downstream, hidden_sizes=[32, 32])
+    hypernetwork = EmbeddingHyperNetwork(
+        tasks, 8, downstream, hidden_sizes=[32, 32], base=args.base
+    )
     data = [task_data(t, 50, args.noise, gen) for t in range(tasks)]
     test = [task_data(t, 200, 0.0, torch.Generator().manual_seed(100 + t)) for t in range(tasks)]
 
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--beta", type=float, default=0.01, help="output regularizer strength")
     parser.add_argument("--noise", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", choices=["learned", "frozen", "none"], default="learned")
     parser.add_argument("--threads", type=int, default=1, help="small models run fastest on one")
     parser.add_argument("--out", type=Path, default=Path("runs/continual"))
     args = parser.parse_args(argv)

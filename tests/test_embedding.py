@@ -72,9 +72,8 @@ def test_shares_the_hypernetwork_init_and_heads():
 
 
 def test_state_dict_keys():
-    hyper = EmbeddingHyperNetwork(
-        3, 4, nn.Linear(2, 2), hidden_sizes=[8], head="dense", base="learned"
-    )
+    hyper = EmbeddingHyperNetwork(3, 4, nn.Linear(2, 2), hidden_sizes=[8], head="dense")
+    assert hyper.base == "learned"  # the default, as for HyperNetwork
     assert list(hyper.state_dict()) == [
         "gain",
         "scale",
@@ -89,8 +88,9 @@ def test_state_dict_keys():
         "bases.0",
         "bases.1",
     ]
-    hyper = EmbeddingHyperNetwork(3, 4, nn.Linear(2, 2), hidden_sizes=[8], head="dense")
-    assert hyper.base == "none"  # ids are generated from scratch by default (continual learning)
+    hyper = EmbeddingHyperNetwork(
+        3, 4, nn.Linear(2, 2), hidden_sizes=[8], head="dense", base="none"
+    )
     assert list(hyper.state_dict()) == [
         "gain",
         "scale",

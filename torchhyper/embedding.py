@@ -28,15 +28,14 @@ class EmbeddingHyperNetwork(_Generator):
 
     ``forward(ids)`` embeds the ids with an ``nn.Embedding(num_embeddings, embedding_dim)``,
     passes them through an optional MLP with ``hidden_sizes``, and then through the same
-    normalization and heads as :class:`~torchhyper.HyperNetwork`. Unlike it, the default is
-    ``base="none"``: every tensor is generated from the id, as in von Oswald et al. 2020, with
-    nothing shared between ids but the hypernetwork itself. Tasks learned one after another (the
-    continual-learning use) gain little from a shared base, and any change to it moves every
-    earlier task: on ``examples/continual.py`` (3 tasks, 2000 steps each) the first task's test
-    MSE is 0.0023 with ``base="none"`` against 0.027 with ``base="learned"``, and the regularized
-    run keeps it at 0.0022 against 0.028. ``base="learned"`` (a shared learned base plus an
-    update from the id's embedding minus the running mean of the embeddings) suits ids drawn
-    together, as in multi-task training.
+    normalization and heads as :class:`~torchhyper.HyperNetwork`, with the same defaults: a
+    learned base (the downstream's values, trained) plus an update from the id's embedding minus
+    the running mean of the embeddings, by the ``"auto"`` head. The base holds what every id
+    shares and the update what sets one id apart, as in multi-task training. With ids learned
+    one after another (continual learning), keep the earlier ids' outputs with
+    :func:`output_regularizer`, which covers the base as well. ``base="none"`` generates every
+    tensor from the id alone, as in von Oswald et al. 2020; ``examples/continual.py`` and
+    ``benchmarks/quality.py`` compare the two.
 
     As for :class:`~torchhyper.HyperNetwork`: each tensor is generated in its downstream
     tensor's dtype (the hypernetwork computes in ``float32`` for a ``float16`` or ``bfloat16``
@@ -54,7 +53,7 @@ class EmbeddingHyperNetwork(_Generator):
         exclude: Glob pattern(s) of parameter names not to generate.
         head: As for :class:`~torchhyper.HyperNetwork`: ``"auto"``, a name of
             :data:`torchhyper.heads.HEADS`, or a callable ``(in_features, shapes) -> module``.
-        base: ``"none"`` (the default here), ``"learned"`` or ``"frozen"``, as for
+        base: ``"learned"`` (the default), ``"frozen"`` or ``"none"``, as for
             :class:`~torchhyper.HyperNetwork`.
         init: Follows ``base``, as for :class:`~torchhyper.HyperNetwork`.
         activation: The MLP's activation: an ``nn.Module`` class such as ``nn.ReLU`` (not an
@@ -83,7 +82,7 @@ class EmbeddingHyperNetwork(_Generator):
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
         head: Union[str, HeadFactory] = "auto",
-        base: Literal["learned", "frozen", "none"] = "none",
+        base: Literal["learned", "frozen", "none"] = "learned",
         init: Literal["default", "downstream"] | None = None,
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
