@@ -22,8 +22,13 @@ Tasks:
 * ``gmm-amortized``: the experiments' amortized GMM (the run ``gmm_amortized`` of
   ``experiments/tasks/gmm.py``, fewer steps): the median KL over 20 held-out mixtures;
   ``direct`` fits each one by itself.
+* ``coords``, ``teacher``, ``sinusoid``, ``line``, ``lora-set``, ``lora-id``: the conditioned
+  tasks of ``benchmarks/conditioned.py`` (a digit to a coordinate MLP, a per-sample teacher,
+  few-shot sinusoids, a line from its points, LoRA adapters of a tiny GPT-2 by set and by id).
+  On the LoRA tasks ``direct`` is one LoRA fitted per task, and the variants include a frozen
+  base (``base="frozen"``: the adapter's own init, zero ``lora_B``, held fixed).
 
-    python benchmarks/quality.py                       # the full table (~30 min on 2 cores)
+    python benchmarks/quality.py                       # the full table (about 2 h on 2 cores)
     python benchmarks/quality.py --tasks=digits-85k --seeds=0 --variants=direct,auto,dense
 """
 
@@ -48,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import conditioned  # noqa: E402  (benchmarks/conditioned.py: the conditioned tasks)
 from heads import Tasks, mlp  # noqa: E402  (benchmarks/heads.py: the set task, the MLPs)
 
 from torchhyper import HyperNetwork, per_sample_call  # noqa: E402
@@ -60,7 +66,11 @@ VARIANTS: dict[str, tuple[str, str]] = {
     **{name: (name, "learned") for name in HEADS},
     "dense (base none)": ("dense", "none"),
     "auto (base none)": ("auto", "none"),
+    "auto (base frozen)": ("auto", "frozen"),
+    "dense (base frozen)": ("dense", "frozen"),
 }
+# Variants that only the LoRA tasks run: a frozen base is the adapter's own init.
+FROZEN = ("auto (base frozen)", "dense (base frozen)")
 # Dense heads over (H + 1) N values: skip them above this many generated values (a 1 M MLP's
 # dense head holds 100 M parameters and takes about a second a step here).
 DENSE_MAX = 300_000
@@ -213,6 +223,13 @@ TASKS = {
     "set-269k": (set_task, 269_322),
     "per-sample": (per_sample_task, 4_353),
     "gmm-amortized": (gmm_amortized, 6),
+    **{
+        name: (
+            lambda v, s, task=task: task(None if v.startswith("direct") else VARIANTS[v], s),
+            numel,
+        )
+        for name, (task, numel) in conditioned.TASKS.items()
+    },
 }
 
 
@@ -234,6 +251,10 @@ def jobs_for(task: str, variants: list[str], seeds: list[int]) -> list[tuple[str
         task == "gmm-amortized"
     ):  # a whole experiment per run: the default, FiLM, no update, the original
         names = [v for v in names if v in ("direct", "auto", "film", "none", "dense (base none)")]
+    if not task.startswith("lora-"):
+        names = [v for v in names if v not in FROZEN]
+    elif task == "lora-set":  # the old default of EmbeddingHyperNetwork is for lora-id only
+        names = [v for v in names if v != "auto (base none)"]
     return [(task, v, s) for v in names for s in seeds]
 
 
@@ -263,6 +284,9 @@ def table(results: dict, seeds: list[int]) -> str:
                 f"{statistics.median(r['seconds']):.0f}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
+        if task == "coords":  # intensities in [0, 1]: PSNR = -10 log10 MSE
+            psnr = ", ".join(f"{v} {-10 * math.log10(m):.2f} dB" for v, m in med.items())
+            lines += ["", f"Held-out PSNR (median MSE): {psnr}."]
         lines.append("")
     return "\n".join(lines)
 
