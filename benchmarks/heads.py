@@ -37,6 +37,7 @@ import sys
 import time
 
 import torch
+from record import header  # benchmarks/record.py
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -50,6 +51,9 @@ MLPS = {
     "mlp-269k": [784, 256, 256, 10],
     "mlp-1m": [784, 1024, 256, 10],
     "mlp-5m": [784, 2048, 1536, 10],
+    # The peer comparison's sizes: 1.0 M and 5.0 M parameters from 16 inputs to 1 output.
+    "mlp-16-991": [16, 991, 991, 1],
+    "mlp-16-2227": [16, 2227, 2227, 1],
 }
 
 
@@ -333,6 +337,7 @@ def main() -> None:
     rounds, steps, train_steps = (3, 3, 300) if args.quick else (7, 5, 1000)
     train_steps = args.train_steps or train_steps
     print(f"# Heads vs direct training (CPU, 1 thread, {'quick' if args.quick else 'full'})\n")
+    print(header())
     for ds_name in args.downstreams.split(","):
         big = ds_name == "unet"
         batch = 16 if big and args.quick else args.batch

@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import conditioned  # noqa: E402  (benchmarks/conditioned.py: the conditioned tasks)
 from heads import Tasks, mlp  # noqa: E402  (benchmarks/heads.py: the set task, the MLPs)
+from record import header  # noqa: E402  (benchmarks/record.py)
 
 from torchhyper import HyperNetwork, per_sample_call  # noqa: E402
 from torchhyper.heads import HEADS  # noqa: E402
@@ -341,6 +342,7 @@ def main() -> None:
         "## Held-out loss against direct training "
         f"(CPU, 1 thread per run, torch {torch.__version__})\n"
     )
+    print(header())
     print(table(ordered, seeds))
     if args.json:
         args.json.write_text(json.dumps({f"{t}|{v}": r for (t, v), r in ordered.items()}, indent=1))

@@ -6,16 +6,18 @@ Over a vocabulary of 16 tokens every token ``x`` has two possible successors (a 
 task is one bit per token choosing which one follows (2^16 tasks), and each token is uniformly
 random with probability 0.1. Pretraining draws a fresh task for every sequence, so the base model
 is decent on average (it can also infer a little of the task from the sequence itself) but not
-task-specific. It is then wrapped with PEFT LoRA (rank 4 on ``c_attn``) and frozen, and
-hypernetworks generate only the ``lora_`` parameters (``include="*lora_*"``), trained on a fixed
-family of 4096 training tasks:
+task-specific. It is then wrapped with PEFT LoRA (rank 4 on every attention and MLP projection:
+``c_attn``, ``c_proj``, ``c_fc``; 8,192 LoRA values) and frozen, and hypernetworks generate only
+the ``lora_`` parameters (``include="*lora_*"``), trained on a fixed family of 4096 training
+tasks:
 
 * **set-conditioned** (``HyperNetwork``): it reads K = 8 demonstration sequences of the task as a
   set of transitions ``(x[i], x[i + 1])``, each a one-hot of the bigram (``P^2`` features). The
   set is sum-pooled (``pool="sum"``: the bigram counts of the demonstrations, what a Markov
   source is identified by), an MLP after the pool (``rho=[128]``, Deep Sets' rho) turns counts
-  into evidence, and a dense head generates the adapter. It is the variant that applies to tasks
-  never seen in training. Trained 1200 Adam steps, cosine-decayed learning rate.
+  into evidence, and the default head generates the adapter (a dense head would need 1.06 M
+  parameters, over ``head="auto"``'s budget: a ``HybridHead``). It is the variant that applies
+  to tasks never seen in training. Trained 1200 Adam steps, cosine-decayed learning rate.
 * **task id** (``EmbeddingHyperNetwork``, ``base="learned"`` and ``base="none"``): one embedding
   per training task, trained on the first 256 tasks of the family; only defined on training
   tasks, so it is compared there.
@@ -143,8 +145,8 @@ def pretrain(model: GPT2LMHeadModel, tasks: Tensor | None, args, gen, bar) -> li
 
 def wrap_lora(model: GPT2LMHeadModel, rank: int) -> nn.Module:
     config = LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=["c_attn"], fan_in_fan_out=True,
-        lora_dropout=0.0,
+        r=rank, lora_alpha=2 * rank, target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True, lora_dropout=0.0,
     )  # fmt: skip
     peft_model = get_peft_model(model, config)
     peft_model.requires_grad_(False)  # frozen: only generated (or directly fitted) LoRA moves

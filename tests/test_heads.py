@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from downstreams import CASES, IDS
+from downstreams import CASES, IDS, perturb_update_
 from torch import nn
 from torch.func import functional_call
 
@@ -467,3 +467,49 @@ def test_hybrid_head_parts_agree_with_their_reference():
     assert count(every) == count(DenseHead(H, SHAPES))
     with pytest.raises(ValueError, match="budget must be an int >= 0"):
         HybridHead(H, SHAPES, budget=-1)
+
+
+@pytest.mark.parametrize("base", ["learned", "frozen"])
+def test_hybrid_through_the_hypernetwork(base):
+    """Both parts of HybridHead through HyperNetwork: the additive term only where a row is zero
+    (and on vectors without a dense map), per_sample and per_set equal forward (eval mode), and
+    gradients reach every head parameter."""
+    torch.manual_seed(0)
+    downstream = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.Linear(5, 40))
+    with torch.no_grad():
+        downstream[2].weight[3] = 0  # a zero row: the row scale cannot move it
+    head = functools.partial(HybridHead, budget=(H + 1) * 6, rank=2)
+    hyper = HyperNetwork(3, [H], downstream, head=head, base=base)
+    names = [n for n, _ in downstream.named_parameters()]
+    scaled = [names[i] for i in hyper.head.scaled_index]
+    assert [names[i] for i in hyper.head.dense_index] == ["2.bias"]  # the smallest: 5 values
+    additive = [n for n, a in zip(scaled, hyper.head.scaled.additive) if a]
+    assert additive == ["0.bias", "2.weight", "3.bias"]
+    perturb_update_(hyper)
+    x = torch.randn(4, 3)
+    params = hyper(x)
+    sum(v.square().sum() for v in params.values()).backward()
+    missing = [n for n, p in hyper.head.named_parameters() if p.grad is None or p.grad.eq(0).all()]
+    assert not missing, missing
+    hyper.eval()
+    one_each = hyper.per_sample(x)
+    sets = hyper.per_set(x.view(2, 2, 3))
+    for i in range(4):
+        alone = hyper(x[i : i + 1])
+        for n in names:
+            torch.testing.assert_close(one_each[n][i], alone[n])
+    for s in range(2):
+        for n, v in hyper(x.view(2, 2, 3)[s]).items():
+            torch.testing.assert_close(sets[n][s], v)
+
+
+def test_scale_rows_gradients():
+    """Row scaling's own backward (a row-wise dot product for the factors) against autograd's
+    finite differences, for one factor per row and a batch of them."""
+    from torchhyper.heads.head import _scale_rows
+
+    base = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    for shape in [(4,), (3, 4)]:
+        factor = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(_scale_rows, (base, factor))
+        torch.testing.assert_close(_scale_rows(base, factor), base * factor.unsqueeze(-1))

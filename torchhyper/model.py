@@ -63,12 +63,15 @@ class HyperNetwork(_Generator):
     is a running mean of the (normalized) embeddings over training calls, so it carries only what
     distinguishes one input from the average: the part every input shares is the base's alone,
     learned at direct training's pace, and an uninformative conditioning adds almost nothing.
-    The heads' outputs start at zero but have full-size gradients (no gain that starts at 0),
-    so the conditioned part moves at a dense head's pace: :class:`~torchhyper.heads.FiLMHead`
-    scales each row of a base by ``1 + g(z - center)``. ``center`` is a buffer, updated in
-    training mode only, like BatchNorm's running mean. To train the base at another rate than
-    the rest (the rate you would train the downstream at), give ``hypernetwork.bases`` its own
-    optimizer parameter group.
+    ``center`` is a buffer, updated in training mode only, like BatchNorm's running mean. The
+    default head (``"auto"``) is a dense map from ``z - center`` to every value while it fits a
+    budget of ``2**20`` parameters; above it, dense maps for the smallest tensors and, for the
+    others, a scale per row plus a low-rank additive term where scaling cannot move a tensor
+    (:class:`~torchhyper.heads.HybridHead`). Its outputs start at exactly zero with full-size
+    gradients, so the conditioned part moves from the first step, and a base of zeros (PEFT's
+    ``lora_B``), frozen or learned, moves too. ``benchmarks/quality.py`` measures it against
+    direct training, the dense head and the original's full generation. To train the base at
+    another rate than the rest, give ``hypernetwork.bases`` its own optimizer parameter group.
 
     Full generation (``base="none"``). Each generated tensor is ``offset + scale * gain * h``,
     with ``h`` the head's raw values of unit variance at init. ``offset`` and ``scale`` are the
@@ -114,8 +117,8 @@ class HyperNetwork(_Generator):
             own values, which the hypernetwork does not train (to share and train them, give
             them to your optimizer with ``requires_grad=True``). Default: all.
         exclude: Glob pattern(s) of parameter names not to generate.
-        head: ``"auto"`` (dense for at most 4096 generated values, else
-            :class:`~torchhyper.heads.FiLMHead`, or with ``base="none"`` a
+        head: ``"auto"`` (chosen by cost: dense while ``(H + 1) N`` fits ``2**20``
+            parameters, else :class:`~torchhyper.heads.HybridHead`, or with ``base="none"`` a
             :class:`~torchhyper.heads.LoRAHead`; see :func:`~torchhyper.heads.auto_head`),
             another name of :data:`torchhyper.heads.HEADS`, or a callable
             ``(in_features, shapes) -> module``.

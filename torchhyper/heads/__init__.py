@@ -27,23 +27,26 @@ Trade-offs, with ``N`` generated values in ``T`` tensors of ``R`` rows in all (a
 are its first dimension), an embedding of width ``H`` and rank ``r``; measured against training
 the downstream directly in ``benchmarks/quality.py`` and ``benchmarks/heads.py``:
 
-* FiLM (:class:`FiLMHead`): ``(H + 1) (R + V)`` parameters (``R`` rows of the matrices,
-  ``V`` values of the vectors), ``N`` multiply-adds. Scales each row of each matrix by
-  ``1 + g(z)`` and shifts vectors: the ``auto`` choice with a base above 4096 values.
-* dense: ``(H + 1) N`` parameters, ``H N`` multiply-adds. Small downstreams (a GMM, a flow): the
-  best fit, but ``H + 1`` times the downstream's parameters (98x for a 269 k MLP with
-  ``H = 96``) and 73x its step time trained directly (``benchmarks/RESULTS-heads.md``).
+* dense (:class:`DenseHead`): ``(H + 1) N`` parameters, ``H N`` multiply-adds. The fastest to
+  learn a conditioned update, but ``H + 1`` times the downstream's size: the ``auto`` choice
+  while that fits ``2**20`` parameters.
+* hybrid (:class:`HybridHead`): dense maps for the smallest tensors within a parameter budget;
+  for the others ``(H + 1)`` parameters per row of a matrix (a scale per row) and, where
+  scaling cannot move a tensor (vectors, a row of zeros), ``r (rows + cols + H + 1)`` for a
+  rank-``r`` additive term. The ``auto`` choice on a base above the dense head's budget.
+* FiLM (:class:`FiLMHead`): ``(H + 1) (R + V)`` parameters (``R`` rows of the matrices, ``V``
+  values of the vectors), ``N`` multiply-adds. Scales each row of each matrix by ``1 + g(z)``
+  and shifts vectors; a base of zeros never moves (the hypernetwork warns).
 * LoRA (:class:`LoRAHead`): ``r (sum(rows + cols) + T (H + 1))`` parameters, ``r N``. With no
-  base, a fixed random base plus conditioned rank-``r`` updates.
+  base, a fixed random base plus conditioned rank-``r`` updates: the ``auto`` choice with
+  ``base="none"`` above the dense head's budget.
 * chunked: ``r (C + H + d) + d N / C`` parameters, ``r N``. The smallest heads, but its values
   have rank at most ``r + 1`` as a (chunks, C) matrix, and it fits poorly.
 * low-rank: ``r (rows + cols)`` per matrix, ``r N``. Purely low-rank updates.
 * none (:class:`NoUpdate`): no parameters; every tensor is its base, so a learned base trains
   exactly as the downstream trained directly.
 
-``head="auto"`` takes the dense head up to 4096 generated values. Above that it takes
-:class:`FiLMHead` on a base and, with ``base="none"``, :class:`LoRAHead` with the largest rank
-(at most 16) that keeps it within 0.125x the generated values. :func:`summary` reports the choice.
+:func:`auto_head` states the ``auto`` policy; :func:`summary` reports the choice and why.
 
 A new head is a :class:`Head` subclass decorated with :func:`register_head`; its name is then
 a choice of ``head=`` everywhere (the experiments' configs and the documentation included).
