@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -193,6 +195,7 @@ def test_errors():
     module = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
     good = {n: torch.randn(B, *p.shape) for n, p in module.named_parameters()}
     x = torch.randn(B, 4)
+    per_sample_call(module, good, x)  # a signature seen before is still checked against x
     with pytest.raises(
         ValueError, match=r"not parameters or buffers of Sequential: \['2.weight'\]"
     ):
@@ -205,8 +208,14 @@ def test_errors():
         ValueError, match=r"leading dimension B == 3 of params, got shapes \[\(5, 4\)\]"
     ):
         per_sample_call(module, good, torch.randn(5, 4))
+    with pytest.raises(
+        ValueError, match=r"leading dimension B == 3 of params, got shapes \[\(2, 3\), \(2,\)\]"
+    ):
+        per_sample_call(module, good, (x, torch.randn(2, 3)), {"y": [torch.randn(2)]})
     with pytest.raises(TypeError, match="params must be a dict of name -> Tensor, got list"):
         per_sample_call(module, [1], x)
+    with pytest.raises(TypeError, match="params must be a dict of name -> Tensor, got dict"):
+        per_sample_call(module, {**good, "0.bias": [0.0] * 6}, x)
     with pytest.raises(ValueError, match="params is empty"):
         per_sample_call(module, {}, x)
 
@@ -325,6 +334,69 @@ def test_cached_plan_follows_module_changes():
     module.register_forward_hook(lambda m, a, y: calls.append(y.shape))  # a container hook: vmap
     torch.testing.assert_close(per_sample_call(module, params, x), loop(module, params, (x,))[0])
     assert calls[0] == torch.Size([2])
+
+
+@pytest.mark.parametrize("hooked", [None, 0, 2], ids=["no_hook", "hook_first", "hook_middle"])
+def test_vectors_through_rowwise_layers(hooked):
+    """Per-sample vectors (B, D) through Linear, LayerNorm and activations, which run them as
+    rows (B, 1, D): the loop's outputs and gradients, and a hooked layer (under vmap) sees one
+    sample's vector, as in the loop."""
+    module = nn.Sequential(
+        nn.Linear(4, 6),
+        nn.ReLU(inplace=True),
+        nn.Linear(6, 5, bias=False),
+        nn.LayerNorm(5),
+        nn.Tanh(),
+        nn.Linear(5, 3),
+    )
+    seen = []
+    if hooked is not None:
+        module[hooked].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+    params = {  # 5.weight is not generated: the module's own, shared by all samples
+        n: (p.detach() + 0.1 * torch.randn(B, *p.shape)).requires_grad_()
+        for n, p in module.named_parameters()
+        if n != "5.weight"
+    }
+    x = torch.randn(B, 4, requires_grad=True)
+    got = per_sample_call(module, params, x)
+    if hooked is not None:
+        assert seen == [torch.Size([module[hooked].in_features])]
+    want = loop(module, params, (x,))[0]
+    assert got.shape == (B, 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    leaves = [*params.values(), x, module[5].weight]
+    weights = torch.randn_like(want)
+    for g, w in zip(grads([got], leaves, [weights]), grads([want], leaves, [weights])):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_checks_follow_module_changes():
+    """A signature of params seen before is checked again when the module changes."""
+    linear = nn.Linear(4, 2, bias=False)
+    params = {"weight": torch.randn(B, 2, 4)}
+    x = torch.randn(B, 4)
+    per_sample_call(linear, params, x)
+    linear.bias = nn.Parameter(torch.full((2,), 5.0))  # registered after the first call: used
+    torch.testing.assert_close(per_sample_call(linear, params, x), loop(linear, params, (x,))[0])
+    linear.weight.data = torch.randn(2, 3)  # same tensor, a new size
+    with pytest.raises(ValueError, match=r"weight: expected \(3, 2, 3\), got \(3, 2, 4\)"):
+        per_sample_call(linear, params, x)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: nn.Sequential(nn.Linear(3, 2), nn.Sequential(nn.Tanh())), lambda: nn.Linear(3, 2)],
+    ids=["sequential", "layer"],
+)
+def test_downstream_is_not_kept_alive(build):
+    """What per_sample_call caches about a module does not keep the module alive."""
+    module = build()
+    params = {n: torch.randn(B, *p.shape) for n, p in module.named_parameters()}
+    per_sample_call(module, params, torch.randn(B, 3))
+    ref = weakref.ref(module)
+    del module
+    gc.collect()
+    assert ref() is None
 
 
 def _switches():

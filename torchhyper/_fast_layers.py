@@ -36,8 +36,8 @@ class _Context:
         own: Tensor | None = module._parameters.get(attr)
         if own is None:
             own = module._buffers.get(attr)
-        if own is None:
-            return None, False
+            if own is None:
+                return None, False
         value = self.params.get(self.names.get(id(own), ""))
         return (own, False) if value is None else (value, True)
 
@@ -65,12 +65,10 @@ def _linear(m: nn.Linear, x: Tensor, ctx: _Context) -> Any:
     if w is None:
         return NotImplemented  # no weight to apply: the layer's own forward decides
     if not w_batched:
+        if b is None or not b_batched:
+            return F.linear(x, w, b)
         y = F.linear(x, w)
-        return (
-            y
-            if b is None
-            else y + (b.view(b.shape[0], *[1] * (y.dim() - 2), -1) if b_batched else b)
-        )
+        return y + b.view(b.shape[0], *[1] * (y.dim() - 2), -1)
     # (B, L, in) @ (B, in, out): each slice of x is one example (B, in) or a batch (B, L, in).
     dim = x.dim()
     flat = x.unsqueeze(1) if dim == 2 else x if dim == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
@@ -244,9 +242,13 @@ def _elementwise(m: nn.Module, x: Tensor, ctx: _Context) -> Any:
     return m.forward(x)  # the caller checked for hooks: skip __call__'s overhead
 
 
+def _relu(m: nn.ReLU, x: Tensor, ctx: _Context) -> Any:
+    # Not m.forward: on small inputs, F.relu's Python checks cost as much as the kernel.
+    return torch.relu_(x) if m.inplace else torch.relu(x)
+
+
 _ELEMENTWISE = (
     nn.Identity,
-    nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
     nn.ELU,
@@ -286,5 +288,10 @@ _FAST: dict[type[nn.Module], _Handler] = {
     nn.BatchNorm1d: _batch_norm,
     nn.BatchNorm2d: _batch_norm,
     nn.BatchNorm3d: _batch_norm,
+    nn.ReLU: _relu,
     **{t: _elementwise for t in _ELEMENTWISE},
 }
+
+# Handlers that treat every leading dimension of x as a batch dimension, so that x (B, *) and
+# x.unsqueeze(1) (B, 1, *) give the same result, up to that unit dimension.
+_ROWWISE: frozenset[_Handler] = frozenset({_linear, _layer_norm, _relu, _elementwise})

@@ -32,16 +32,18 @@ unless given).
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules import module as _module
 from torch.utils._pytree import tree_flatten, tree_map
 
-from torchhyper._fast_layers import _FAST, _Context, _Handler
+from torchhyper._fast_layers import _FAST, _ROWWISE, _Context, _Handler, _linear
 from torchhyper._kwargs import _explain_vmap_error, _takes_use_cache
 from torchhyper._names import _walk
 from torchhyper._vmap import _contiguous_input, vmap_compatible
@@ -119,52 +121,104 @@ def per_sample_call(
         plan = index.plan(downstream) if ctx.fast else None
         if plan is None:
             return _forward(downstream, args[0], ctx)
-        x = args[0]
-        for module, fast in plan:
-            y = (
-                fast(module, x, ctx)
-                if fast is not None and not _has_hooks(module)
-                else NotImplemented
-            )
-            x = _vmapped(module, (x,), {}, ctx) if y is NotImplemented else y
-        return x
+        return _run(plan, args[0], ctx)
     return _vmapped(downstream, args, kwargs, ctx)
 
 
+class _Plan(NamedTuple):
+    """The leaves of a tree of ``nn.Sequential``, in order, with their fast handlers."""
+
+    steps: list[tuple[nn.Module, _Handler | None]]
+    rows: bool  # whether to run per-sample vectors as rows: see _run
+
+    @classmethod
+    def of(cls, steps: list[tuple[nn.Module, _Handler | None]]) -> _Plan:
+        # Rows need every step to be row-wise, and pay off when a Linear saves its reshapes.
+        rowwise = all(fast in _ROWWISE for _, fast in steps)
+        return cls(steps, rowwise and any(fast is _linear for _, fast in steps))
+
+
+def _run(plan: _Plan, x: Tensor, ctx: _Context) -> Any:
+    """Runs the steps of ``plan`` on a batched input ``x`` (B, *), each by its fast handler
+    when it has one and no hooks, else under vmap."""
+    # Per-sample vectors (B, D) go through row-wise steps as (B, 1, D): one row per sample, the
+    # layout of a batched matrix product, so that no layer reshapes (nor its backward).
+    rows = plan.rows and x.dim() == 2
+    if rows:
+        x = x.unsqueeze(1)
+    for module, fast in plan.steps:
+        if fast is not None and not (  # _has_hooks, inline: it runs for every layer
+            module._forward_hooks
+            or module._forward_pre_hooks
+            or module._backward_hooks
+            or module._backward_pre_hooks
+        ):
+            y = fast(module, x, ctx)
+            if y is not NotImplemented:
+                x = y
+                continue
+        if rows:  # what vmap runs, and hooks see, is each sample as the caller gave it
+            x, rows = x.squeeze(1), False
+        x = _vmapped(module, (x,), {}, ctx)
+    return x.squeeze(1) if rows else x
+
+
 class _Index:
-    """Where a module's parameters and buffers live, by name: cached, and checked at each call."""
+    """Where a module's parameters and buffers live, by name, and the plan of its layers:
+    cached per module, and checked at each call."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.slots: list[tuple[dict[str, Any], str, Tensor]] = []
+        tables: list[dict[str, Any]] = []
+        attrs: list[str] = []
         self.tensors: dict[str, Tensor] = {}
         self.names: dict[int, str] = {}  # id(tensor) -> its (first) name
         for slot in _walk(module):
             if slot.name == slot.first:  # as named_parameters() and named_buffers() list them
-                self.slots.append((slot.table, slot.attr, slot.tensor))
+                tables.append(slot.table)
+                attrs.append(slot.attr)
                 self.tensors[slot.name] = slot.tensor
                 self.names[id(slot.tensor)] = slot.name
-        self._plan: list[tuple[nn.Module, _Handler | None]] | None = None
-        self._containers: list[tuple[nn.Module, list[nn.Module]]] = []
+        self._places = (tables, attrs, list(self.tensors.values()))
+        self._sizes = [t.size() for t in self.tensors.values()]
+        # (names, sizes) of params that passed the full check -> their B; reset with the index.
+        self.checked: dict[tuple[tuple[str, ...], tuple[torch.Size, ...]], int] = {}
+        self._plan: _Plan | None = None
+        # Each container of the plan, with its children when planned. Weak: the index is the
+        # value of a weak dict keyed by the module, and must not keep it alive.
+        self._containers: list[tuple[weakref.ref[nn.Module], list[nn.Module]]] = []
 
     def valid(self) -> bool:
-        return all(table.get(attr) is t for table, attr, t in self.slots)
+        """Whether every tensor is still in its place, with its size (``.data`` may change it)."""
+        tables, attrs, tensors = self._places
+        # At every call: map runs the loop in C, a generator in Python.
+        return all(map(operator.is_, map(dict.get, tables, attrs), tensors)) and (
+            list(map(Tensor.size, tensors)) == self._sizes
+        )
 
-    def plan(self, module: nn.Module) -> list[tuple[nn.Module, _Handler | None]] | None:
-        """The leaves of ``module``, a tree of ``nn.Sequential``, with their fast handlers; None
-        when the tree has hooks on a container or is not such a tree."""
-        if self._plan is None or any(
-            list(c._modules.values()) != kids for c, kids in self._containers
-        ):
+    def plan(self, module: nn.Module) -> _Plan | None:
+        """The leaves of ``module``, a tree of ``nn.Sequential`` or a single layer, with their
+        fast handlers; None when a container has hooks."""
+        if type(module) is not nn.Sequential:  # built at each call: see _containers
+            fast = _FAST.get(type(module))
+            return _Plan([(module, fast)], fast is _linear)  # as _Plan.of decides, in short
+        for ref, kids in self._containers:
+            container = ref()
+            if container is None or list(container._modules.values()) != kids:
+                self._plan = None
+                break
+        if self._plan is None:
             self._containers = []
-            self._plan = self._flatten(module)
-        if any(_has_hooks(c) for c, _ in self._containers):
-            return None
-        return self._plan if self._containers else None
+            self._plan = _Plan.of(self._flatten(module))
+        for ref, _ in self._containers:
+            container = ref()
+            if container is None or _has_hooks(container):
+                return None
+        return self._plan
 
     def _flatten(self, module: nn.Module) -> list[tuple[nn.Module, _Handler | None]]:
         if type(module) is not nn.Sequential:
             return [(module, _FAST.get(type(module)))]
-        self._containers.append((module, list(module._modules.values())))
+        self._containers.append((weakref.ref(module), list(module._modules.values())))
         return [leaf for child in module for leaf in self._flatten(child)]
 
 
@@ -184,34 +238,46 @@ def _check(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> tuple[int, _Index]:
+    """The common B of ``params`` and the inputs, and the index of ``downstream``.
+
+    The hot path of every call: a signature of ``params`` (names and sizes) seen before on an
+    unchanged module skips the check of each tensor against its namesake.
+    """
     if not isinstance(downstream, nn.Module):
         raise TypeError(f"downstream must be a torch.nn.Module, got {type(downstream).__name__}")
-    if not isinstance(params, Mapping):
+    if type(params) is not dict and not isinstance(params, Mapping):  # an ABC: a slow check
         raise TypeError(f"params must be a dict of name -> Tensor, got {type(params).__name__}")
     index = _index(downstream)
-    tensors = index.tensors
+    try:  # Tensor.size raises TypeError on anything else: the full check names it
+        key = (tuple(params), tuple(map(Tensor.size, params.values())))
+    except TypeError:
+        return _explain(downstream, params, args, kwargs)
+    batch = index.checked.get(key)
+    if batch is None:
+        batch = _batch_of(params, index.tensors)
+        if batch is None:
+            return _explain(downstream, params, args, kwargs)
+        if len(index.checked) >= 64:  # many signatures (B varies): start over
+            index.checked.clear()
+        index.checked[key] = batch
+    if kwargs or not all(isinstance(a, Tensor) and a.shape[:1] == (batch,) for a in args):
+        _check_inputs(batch, args, kwargs)  # nested inputs, or an error to explain
+    return batch, index
+
+
+def _batch_of(params: Mapping[str, Tensor], tensors: dict[str, Tensor]) -> int | None:
+    """The B of ``params`` if each is ``(B, *shape)`` with the shape of its namesake in
+    ``tensors``, one B >= 1 for all; else None."""
     batch = -1
-    for k, v in params.items():  # the common, valid case in one cheap pass
+    for k, v in params.items():
         ref = tensors.get(k)
-        if (
-            ref is None
-            or not isinstance(v, Tensor)
-            or v.dim() != ref.dim() + 1
-            or v.shape[1:] != ref.shape
-        ):
-            break
+        if ref is None or v.dim() != ref.dim() + 1 or v.shape[1:] != ref.shape:
+            return None
         if batch != v.shape[0]:
             if batch != -1:
-                break
+                return None
             batch = v.shape[0]
-    else:
-        if (
-            batch > 0
-            and all(isinstance(a, Tensor) and a.dim() and a.shape[0] == batch for a in args)
-            and not kwargs
-        ):
-            return batch, index
-    return _explain(downstream, params, args, kwargs)
+    return batch if batch > 0 else None
 
 
 def _explain(
@@ -249,6 +315,12 @@ def _explain(
             "params must have shape (B, *shape) with one B >= 1 for all: "
             + "; ".join(wrong or ["B == 0"])
         )
+    _check_inputs(batch, args, kwargs)
+    return batch, index
+
+
+def _check_inputs(batch: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raises unless every tensor in ``args`` and ``kwargs``, at any depth, is ``(B, *)``."""
     leaves = tree_flatten((args, kwargs))[0]
     bad = [
         tuple(t.shape)
@@ -260,7 +332,6 @@ def _explain(
             f"every tensor input must have the leading dimension B == {batch} of params, "
             f"got shapes {bad}; expand a shared input with t.expand({batch}, *t.shape)"
         )
-    return batch, index
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -288,10 +359,13 @@ def _forward(module: nn.Module, x: Tensor, ctx: _Context) -> Any:
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as m
-
-    pre = [h for h in m._global_forward_pre_hooks.values() if h is not _contiguous_input]
-    return bool(m._global_forward_hooks or pre or m._global_backward_hooks)
+    """Whether hooks registered for all modules exist, other than :func:`vmap_compatible`'s."""
+    pre = _module._global_forward_pre_hooks
+    return bool(
+        _module._global_forward_hooks
+        or _module._global_backward_hooks
+        or (pre and any(h is not _contiguous_input for h in pre.values()))
+    )
 
 
 def _vmapped(
