@@ -69,9 +69,10 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "auto (base none)": ("auto", "none"),
     "auto (base frozen)": ("auto", "frozen"),
     "dense (base frozen)": ("dense", "frozen"),
+    "film (base frozen)": ("film", "frozen"),
 }
 # Variants that only the LoRA tasks run: a frozen base is the adapter's own init.
-FROZEN = ("auto (base frozen)", "dense (base frozen)")
+FROZEN = ("auto (base frozen)", "dense (base frozen)", "film (base frozen)")
 # Dense heads over (H + 1) N values: skip them above this many generated values (a 1 M MLP's
 # dense head holds 100 M parameters and takes about a second a step here).
 DENSE_MAX = 300_000
@@ -292,6 +293,40 @@ def table(results: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+# Tasks whose conditioning carries nothing (single tasks): the default must match direct training.
+SINGLE = ("digits-85k", "digits-1m", "digits-cnn")
+
+
+def summary(results: dict) -> str:
+    """The default against each reference, task by task: medians over seeds."""
+    lines = [
+        "| task | default (auto) | / direct | / dense | / dense (base none) | / film | "
+        "frozen base: auto / dense |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for task in dict.fromkeys(t for t, _ in results):
+        med = {v: statistics.median(r["losses"]) for (t, v), r in results.items() if t == task}
+        auto = med.get("auto")
+        if auto is None:
+            continue
+
+        def ratio(v: str, med: dict = med, auto: float = auto) -> str:
+            return f"{auto / med[v]:.3f}" if v in med else "-"
+
+        frozen = med.get("auto (base frozen)"), med.get("dense (base frozen)")
+        cells = [
+            task + (" (single task)" if task in SINGLE else ""),
+            f"{auto:.4g}",
+            ratio("direct"),
+            ratio("dense"),
+            ratio("dense (base none)"),
+            ratio("film"),
+            f"{frozen[0] / frozen[1]:.3f}" if all(frozen) else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=",".join(TASKS))
@@ -299,7 +334,21 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument(
+        "--from-json", type=Path, help="print the tables of results written by --json, no runs"
+    )
     args = parser.parse_args()
+    if args.from_json:
+        raw = json.loads(args.from_json.read_text())
+        runs = raw.get("results", raw)  # {"header", "results"}, or the results alone
+        loaded = {tuple(k.split("|")): v for k, v in runs.items()}
+        seeds = sorted({len(v["losses"]) for v in loaded.values()})
+        print(f"## Held-out loss against direct training (from {args.from_json})\n")
+        print(raw.get("header", "(the run's header was not recorded)\n"))
+        print("### The default against each reference\n")
+        print(summary(loaded))
+        print(table(loaded, list(range(max(seeds)))))
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS and not v.startswith("direct")]
@@ -342,10 +391,14 @@ def main() -> None:
         "## Held-out loss against direct training "
         f"(CPU, 1 thread per run, torch {torch.__version__})\n"
     )
-    print(header())
+    run = header()
+    print(run)
+    print("### The default against each reference\n")
+    print(summary(ordered))
     print(table(ordered, seeds))
     if args.json:
-        args.json.write_text(json.dumps({f"{t}|{v}": r for (t, v), r in ordered.items()}, indent=1))
+        runs = {f"{t}|{v}": r for (t, v), r in ordered.items()}
+        args.json.write_text(json.dumps({"header": run, "results": runs}, indent=1))
 
 
 if __name__ == "__main__":
