@@ -391,7 +391,7 @@ def main() -> None:
         "## Held-out loss against direct training "
         f"(CPU, 1 thread per run, torch {torch.__version__})\n"
     )
-    run = header()
+    run = header(threads=1)  # each worker runs one thread (_run)
     print(run)
     print("### The default against each reference\n")
     print(summary(ordered))

@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 __all__ = ["header"]
 
 
-def header() -> str:
-    """A Markdown block recording how this run was made, to print above its tables."""
+def header(threads: int | None = None) -> str:
+    """A Markdown block recording how this run was made, to print above its tables.
+    ``threads``: the threads each worker process runs with, if not this process's."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -42,7 +43,7 @@ def header() -> str:
     lines = [
         f"- command: `{command}`",
         f"- commit: {commit}; torch {torch.__version__}; Python {platform.python_version()}",
-        f"- threads: {torch.get_num_threads()} per process; {os.cpu_count()} CPUs; "
+        f"- threads: {threads or torch.get_num_threads()} per process; {os.cpu_count()} CPUs; "
         f"glibc: {' '.join(f'{k}={v}' for k, v in malloc.items()) or 'defaults'}",
         f"- date: {when}",
     ]
