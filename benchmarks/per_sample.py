@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from record import header  # benchmarks/record.py
 from torch import nn
 from torch.func import functional_call, vmap
 
@@ -212,6 +213,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    print(header())
     print(f"torch {torch.__version__}, 1 thread, {args.rounds} interleaved rounds, medians")
     apply_only(args.batch, args.rounds)
     training_step(args.batch, args.rounds)
