@@ -103,7 +103,7 @@ def test_auto_seed_constructor(input_dim):
     assert "base='learned'" in repr(hyper)
     assert "head=HybridHead (auto: dense would need" in repr(hyper)
     text = summary(hyper).splitlines()
-    assert text[0] == "head: HybridHead(rank=8)"
+    assert text[0] == "head: HybridHead(budget=1048576, rank=8)"
     assert text[1].startswith("why: auto: dense would need 26,124,234 parameters, over the")
     assert text[2] == "base: learned (269,322 values, trained)"
     assert text[4].startswith(
@@ -465,8 +465,16 @@ def test_hybrid_head_parts_agree_with_their_reference():
     every = HybridHead(H, SHAPES, budget=10**9)
     assert every.scaled is None and every.dense_index == list(range(len(SHAPES)))
     assert count(every) == count(DenseHead(H, SHAPES))
-    with pytest.raises(ValueError, match="budget must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"budget must be >= 0 \(parameters; 0 for no dense"):
         HybridHead(H, SHAPES, budget=-1)
+    with pytest.raises(TypeError, match="budget must be an int \\(parameters\\), got 1.5"):
+        HybridHead(H, SHAPES, budget=1.5)
+    with pytest.raises(ValueError, match=r"like it \(5\), got 5; shapes differ at 0: \(30,\)"):
+        HybridHead(H, SHAPES, bases=[b.flatten() for b in ONES])
+    with pytest.raises(ValueError, match="additive must hold one bool per generated tensor"):
+        HybridHead(H, SHAPES, additive=[True])
+    flags = HybridHead(H, SHAPES, budget=0, additive=[False, True, True, False, True])
+    assert flags.scaled.additive == [False, True, True, False, True]  # vectors: always
 
 
 @pytest.mark.parametrize("base", ["learned", "frozen"])
@@ -511,5 +519,36 @@ def test_scale_rows_gradients():
     base = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     for shape in [(4,), (3, 4)]:
         factor = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(_scale_rows, (base, factor))
+        assert torch.autograd.gradcheck(_scale_rows, (base, factor), check_forward_ad=True)
         torch.testing.assert_close(_scale_rows(base, factor), base * factor.unsqueeze(-1))
+    # Under torch.func: per-example gradients through vmap, and forward mode.
+    factors = torch.randn(3, 4, dtype=torch.float64)
+
+    def loss(b, f):
+        return _scale_rows(b, f).square().sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss, argnums=1), in_dims=(None, 0))(base, factors)
+    for f, g in zip(factors, grads):
+        torch.testing.assert_close(g, 2 * (base * f.unsqueeze(-1) * base).sum(-1))
+    _, tangent = torch.func.jvp(lambda f: _scale_rows(base, f), (factors[0],), (factors[1],))
+    torch.testing.assert_close(tangent, base * factors[1].unsqueeze(-1))
+
+
+def test_hypernetwork_under_torch_func():
+    """The hybrid and FiLM heads' row scaling composes with torch.func: gradients of a
+    functional call of the hypernetwork match autograd's."""
+    torch.manual_seed(0)
+    downstream = nn.Sequential(nn.Linear(3, 8), nn.Linear(8, 4))
+    for head in ("film", functools.partial(HybridHead, budget=0)):
+        hyper = perturb_update_(HyperNetwork(2, [8], downstream, head=head)).eval()
+        x = torch.randn(5, 2)
+        params = dict(hyper.named_parameters())
+
+        def loss(p, x, hyper=hyper):
+            out = functional_call(hyper, (p, dict(hyper.named_buffers())), (x,))
+            return sum(v.square().sum() for v in out.values())
+
+        grads = torch.func.grad(loss)(params, x)
+        loss(params, x).backward()
+        for n, p in params.items():
+            torch.testing.assert_close(grads[n], p.grad, msg=n)

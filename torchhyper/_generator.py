@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from torchhyper._checks import module
 from torchhyper._record import _SHOWN, _few, _Recorded
 from torchhyper._spec import _describe, _lazy_names, _select
 from torchhyper.heads.build import _make_head
-from torchhyper.heads.head import Head, HeadFactory
+from torchhyper.heads.head import Head, HeadFactory, _has_zero_row
 
 __all__: list[str] = []
 
@@ -166,6 +166,13 @@ class _Generator(_Recorded):
                 self.center.add_((mean - self.center) * rate)
         return centered
 
+    def _load_problems(
+        self, state_dict: dict[str, Any], prefix: str, strict: bool | None
+    ) -> list[str]:
+        problems = super()._load_problems(state_dict, prefix, strict)
+        hint = self.head.load_hint(state_dict, prefix + "head.", self.names) if problems else ""
+        return [*problems, hint] if hint else problems
+
     def _generated_repr(self) -> str:
         own = sum(p.numel() for p in self.parameters() if p.requires_grad)
         reason = f" ({self.head.reason})" if self.head.reason else ""
@@ -251,11 +258,7 @@ def _check_downstream(
 def _warn_unmoved(head: Head, names: list[str], values: list[Tensor], *, frozen: bool) -> None:
     """Warns of the matrices that ``head``, whose update scales the base's rows, cannot move:
     those with a row of zeros (all of their rows, for PEFT's ``lora_B``)."""
-    unmoved = [
-        n
-        for n, v in zip(names, values)
-        if v.dim() >= 2 and v.numel() and bool((v.flatten(1) == 0).all(1).any())
-    ]
+    unmoved = [n for n, v in zip(names, values) if v.dim() >= 2 and _has_zero_row(v)]
     if not unmoved:
         return
     fate = (

@@ -65,8 +65,11 @@ def auto_head(
     over = f"auto: dense would need {cost:,} parameters, over the budget of {budget:,}"
     if base:
         head = HybridHead(in_features, shapes, budget=budget, bases=bases)
-        head.reason = (
-            f"{over}; dense maps for the {len(head.dense_index)} smallest of {len(sizes)} tensors"
+        dense = len(head.dense_index)
+        head.reason = over + (
+            f"; dense maps for the {dense} smallest of {len(sizes)} tensors"
+            if dense
+            else "; no tensor fits it alone: row scales and additive terms only"
         )
         return head
     per_rank = sum(sum(_as_matrix(s)) + in_features + 1 for s in sizes)
@@ -112,7 +115,7 @@ def summary(hypernetwork: nn.Module) -> str:
             parts[owner] = parts.get(owner, 0) + p.numel()
     total = sum(parts.values())
     options = ", ".join(
-        f"{k}={getattr(head, k)}" for k in ("rank", "chunk_size") if hasattr(head, k)
+        f"{k}={getattr(head, k)}" for k in ("budget", "rank", "chunk_size") if hasattr(head, k)
     )
     tensors = len(getattr(head, "shapes", [])) or "?"
     detail = ", ".join(f"{k} {v:,}" for k, v in parts.items())
@@ -161,7 +164,8 @@ def _make_head(
         raise TypeError(
             f"head must be a name or a callable (in_features, shapes) -> Head, got {head!r}"
         )
-    if base and _takes_bases(factory):
+    bound = isinstance(factory, functools.partial) and "bases" in factory.keywords
+    if base and not bound and _takes_bases(factory):
         factory = functools.partial(cast(Any, factory), bases=bases)
     module = factory(in_features, shapes)
     if not isinstance(module, nn.Module):

@@ -2,7 +2,7 @@ r"""The head contract (:class:`Head`) and the registry of named heads (:data:`HE
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import torch
@@ -66,6 +66,17 @@ class Head(nn.Module):
         trainable: the start of an update to a base. Returns whether the head can (the base
         class cannot; the hypernetwork then starts that head's per-tensor gains at zero)."""
         return False
+
+    def load_hint(self, state_dict: Mapping[str, Any], prefix: str, names: list[str]) -> str:
+        r"""A line for the error of a state dict that does not load, when this head's own
+        structure (not the downstream's) explains it; ``""`` when it does not.
+
+        Args:
+            state_dict: The state dict being loaded.
+            prefix: This head's prefix in it, e.g. ``"head."``.
+            names: The generated tensors' names, in the order of ``shapes``.
+        """
+        return ""
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, tensors={len(self.shapes)}, numel={self.numel}"
@@ -147,12 +158,20 @@ def _scale_rows(base: Tensor, factor: Tensor) -> Tensor:
 
 class _ScaleRows(torch.autograd.Function):
     """``base * factor[:, None]`` with a backward that reads the gradient once per input: the
-    factor's gradient is a row-wise dot product (no temporary of the matrix's size)."""
+    factor's gradient is a row-wise dot product (no temporary of the matrix's size). Written
+    for ``torch.func`` too: a generated vmap rule, and forward-mode derivatives."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx: Any, base: Tensor, factor: Tensor) -> Tensor:
-        ctx.save_for_backward(base, factor)
+    def forward(base: Tensor, factor: Tensor) -> Tensor:
         return base * factor.unsqueeze(-1)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        base, factor = inputs
+        ctx.save_for_backward(base, factor)
+        ctx.save_for_forward(base, factor)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -160,6 +179,18 @@ class _ScaleRows(torch.autograd.Function):
         grad_base = grad * factor.unsqueeze(-1) if ctx.needs_input_grad[0] else None
         grad_factor = torch.linalg.vecdot(grad, base) if ctx.needs_input_grad[1] else None
         return grad_base, grad_factor
+
+    @staticmethod
+    def jvp(ctx: Any, base_t: Tensor | None, factor_t: Tensor | None) -> Tensor:
+        base, factor = ctx.saved_tensors
+        out = torch.zeros_like(base) if base_t is None else base_t * factor.unsqueeze(-1)
+        return out if factor_t is None else out + base * factor_t.unsqueeze(-1)
+
+
+def _has_zero_row(value: Tensor) -> bool:
+    """Whether the matrix ``value`` (a row per entry of its first dimension, ``dim() >= 2``) has
+    a row of zeros: a row that scaling cannot move."""
+    return value.numel() > 0 and bool((value.reshape(value.shape[0], -1) == 0).all(1).any())
 
 
 def _zero(*params: Tensor) -> bool:

@@ -4,14 +4,23 @@ small tensors and a scalable update, which moves any base (zeros included), for 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from torchhyper._checks import positive_int
+from torchhyper._record import _few
 from torchhyper.heads.dense import DenseHead
-from torchhyper.heads.head import Head, _as_matrix, _scale_rows, _zero, register_head
+from torchhyper.heads.head import (
+    Head,
+    _as_matrix,
+    _has_zero_row,
+    _scale_rows,
+    _zero,
+    register_head,
+)
 
 __all__ = ["HybridHead"]
 
@@ -34,8 +43,11 @@ class HybridHead(Head):
     ``B_i (cols, r)``, coefficients ``c_i`` predicted from the embedding. The additive term is
     given to the tensors that a row scale cannot move: vectors, and, when ``bases`` is given
     (the hypernetwork gives it), matrices with a row of zeros (PEFT's ``lora_B``,
-    zero-initialized projections); without ``bases``, to every tensor. ``g``, ``B`` and the dense
-    maps start at zero, so the update starts at exactly zero, with gradients from the first step.
+    zero-initialized projections); without ``bases``, to every tensor; ``additive`` overrides
+    both. ``g``, ``B`` and the dense maps start at zero, so the update starts at exactly zero,
+    with gradients from the first step. Which tensors get a dense map and which the additive
+    term is saved in the state dict (the buffer ``layout``), and a state dict of another layout
+    is refused with the arguments that rebuild it.
 
     Parameters: ``(H + 1) n_d`` for the ``n_d`` values with dense maps, ``(H + 1) rows`` per other
     matrix, and ``r (rows + cols + H + 1)`` per tensor with the additive term. Cost per generated
@@ -47,8 +59,22 @@ class HybridHead(Head):
         shapes: The shapes of the generated tensors.
         budget: The most parameters the dense maps may hold; 0 for none.
         rank: The rank ``r`` of the additive terms.
-        bases: The base of each tensor (``HyperNetwork`` passes them): only tensors with a row of
-            zeros, and vectors, then get the additive term.
+        bases: The base of each tensor, shaped like ``shapes`` (``HyperNetwork`` passes them):
+            only tensors with a row of zeros, and vectors, then get the additive term.
+        additive: Which tensors get the additive term, one bool per tensor (vectors always
+            do; a tensor with a dense map has no use for it).
+
+    Example:
+        >>> lora_b = torch.zeros(64, 8)  # PEFT's lora_B: every row zero
+        >>> weight = torch.randn(64, 64)
+        >>> head = HybridHead(16, [(64, 8), (64, 64)], budget=0, bases=[lora_b, weight])
+        >>> head.scaled.additive  # a row scale moves the weight, not lora_B
+        [True, False]
+        >>> z = torch.randn(16)
+        >>> scale, gain = torch.ones(2), torch.ones(2)
+        >>> values = head.assemble(z, [lora_b.flatten(), weight.flatten()], scale, gain)
+        >>> [tuple(v.shape) for v in values]  # flat values, (*, numel) per tensor
+        [(512,), (4096,)]
 
     References:
         | HyperNetworks (Ha, Dai and Le, 2016) https://arxiv.org/abs/1609.09106
@@ -58,6 +84,7 @@ class HybridHead(Head):
     """
 
     needs_base = True
+    layout: Tensor
 
     def __init__(
         self,
@@ -67,44 +94,46 @@ class HybridHead(Head):
         budget: int = 2**20,
         rank: int = 8,
         bases: Sequence[Tensor] | None = None,
+        additive: Sequence[bool] | None = None,
     ) -> None:
         super().__init__(in_features, shapes)
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-            raise ValueError(f"budget must be an int >= 0 (parameters), got {budget!r}")
+        if isinstance(budget, bool) or not isinstance(budget, int):
+            raise TypeError(f"budget must be an int (parameters), got {budget!r}")
+        if budget < 0:
+            raise ValueError(f"budget must be >= 0 (parameters; 0 for no dense maps), got {budget}")
         positive_int("rank", rank)
         self.budget = budget
         self.rank = rank
         # Smallest first, while the dense maps fit the budget (ties keep the tensors' order).
         order = sorted(range(len(self.shapes)), key=lambda i: self.numels[i])
-        dense: list[int] = []
+        dense: set[int] = set()
         spent = 0
         for i in order:
             cost = (in_features + 1) * self.numels[i]
             if spent + cost > budget:
                 break
             spent += cost
-            dense.append(i)
+            dense.add(i)
         self.dense_index = sorted(dense)
-        self.scaled_index = [i for i in range(len(self.shapes)) if i not in set(dense)]
+        self.scaled_index = [i for i in range(len(self.shapes)) if i not in dense]
+        flags = _additive(self.shapes, bases, additive)
+        # What each tensor gets, saved in the state dict: 0 a dense map, 1 a row scale, 2 a row
+        # scale and the additive term (see load_hint).
+        layout = [0 if i in dense else 1 + flags[i] for i in range(len(self.shapes))]
+        self.register_buffer("layout", torch.tensor(layout, dtype=torch.int8))
         dense_shapes = [self.shapes[i] for i in self.dense_index]
         self.dense = DenseHead(in_features, dense_shapes) if dense_shapes else None
-        if bases is not None and len(bases) != len(self.shapes):
-            raise ValueError(
-                f"bases must hold one tensor per shape ({len(self.shapes)}), got {len(bases)}"
-            )
-        # Without the bases, every tensor gets the additive term; with them, those that a row
-        # scale cannot move: a row of zeros (PEFT's lora_B: every row), or a vector.
-        additive = [bases is None or _has_zero_row(bases[i]) for i in self.scaled_index]
         self.scaled = (
             _RowsPlusLowRank(
                 in_features,
                 [self.shapes[i] for i in self.scaled_index],
                 rank=rank,
-                additive=additive,
+                additive=[flags[i] for i in self.scaled_index],
             )
             if self.scaled_index
             else None
         )
+        self.zero_update_()
 
     def assemble(
         self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
@@ -122,6 +151,27 @@ class HybridHead(Head):
                 out[i] = v
         return out
 
+    def load_hint(self, state_dict: Mapping[str, Any], prefix: str, names: list[str]) -> str:
+        saved = state_dict.get(prefix + "layout")
+        if not isinstance(saved, Tensor) or saved.shape != self.layout.shape:
+            return ""
+        theirs, ours = saved.tolist(), self.layout.tolist()
+        if theirs == ours:
+            return ""
+
+        def parts(layout: list[int]) -> str:
+            dense = [n for n, k in zip(names, layout) if k == 0]
+            additive = [n for n, k in zip(names, layout) if k == 2]
+            return f"dense maps for {_few(dense)}, an additive term for {_few(additive)}"
+
+        flags = [k == 2 for k in theirs]
+        return (
+            f"the saved HybridHead gave {parts(theirs)}; this one gives {parts(ours)} (the "
+            "dense maps follow the budget, the additive term the bases' rows of zeros at "
+            "construction). Build the hypernetwork alike to load it: "
+            f"head=functools.partial(HybridHead, budget=<the saved budget>, additive={flags})"
+        )
+
     def zero_update_(self) -> bool:
         for part in (self.dense, self.scaled):
             if part is not None:
@@ -137,12 +187,34 @@ class HybridHead(Head):
         )
 
 
-def _has_zero_row(value: Tensor) -> bool:
-    """Whether ``value``, viewed as a matrix (a row per entry of its first dimension), has a row
-    of zeros: a row that scaling cannot move."""
-    if value.dim() < 2:
-        return True  # vectors and scalars: shifted, not scaled
-    return value.numel() > 0 and bool((value.reshape(value.shape[0], -1) == 0).all(1).any())
+def _additive(
+    shapes: list[torch.Size],
+    bases: Sequence[Tensor] | None,
+    additive: Sequence[bool] | None,
+) -> list[bool]:
+    """Which tensors get the additive term: ``additive`` as given, else those whose base (if
+    given) a row scale cannot move, else all."""
+    if additive is not None:
+        if isinstance(additive, (str, bytes)) or len(additive) != len(shapes):
+            raise ValueError(
+                f"additive must hold one bool per generated tensor ({len(shapes)}), "
+                f"got {additive!r}"
+            )
+        return [bool(a) for a in additive]
+    if bases is None:
+        return [True] * len(shapes)
+    wrong = [
+        f"{i}: {tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__} vs {tuple(s)}"
+        for i, (b, s) in enumerate(zip(bases, shapes))
+        if not isinstance(b, Tensor) or b.shape != s
+    ]
+    if len(bases) != len(shapes) or wrong:
+        raise ValueError(
+            f"bases must hold one tensor per generated tensor, shaped like it ({len(shapes)}), "
+            f"got {len(bases)}" + (f"; shapes differ at {'; '.join(wrong)}" if wrong else "")
+        )
+    # Vectors and scalars are shifted, not scaled; matrices need it for a row of zeros.
+    return [b.dim() < 2 or _has_zero_row(b) for b in bases]
 
 
 class _RowsPlusLowRank(Head):
@@ -198,13 +270,14 @@ class _RowsPlusLowRank(Head):
             if self.factors is not None
             else ()
         )
+        one = gain.new_ones(())
         out = []
         f = k = 0
         for i, (base, (rows, cols)) in enumerate(zip(bases, self.matrices)):
             base = base.view(rows, cols)
             value = base
             if self.rows[i]:
-                row = torch.addcmul(gain.new_ones(()), factors[f], gain[i])  # 1 + gain g
+                row = torch.addcmul(one, factors[f], gain[i])  # 1 + gain g
                 value = _scale_rows(base, row)
                 f += 1
             if self.additive[i]:
