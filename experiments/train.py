@@ -23,6 +23,10 @@ The run folder (``out_dir``) gets ``config.json`` (the resolved config, itself a
   ``config.json`` alone): the run starts over. So ``torchrun --max-restarts`` recovers at any
   moment: it resumes from the last checkpoint, or starts over.
 
+A run folder may be moved or copied (``cp -r runs/gmm /mnt/other/gmm``): where it lies is no
+part of its run, so ``--out_dir=/mnt/other/gmm --resume=true`` continues it there, exactly,
+and its ``config.json`` then names its new place.
+
 The folder is made and ``config.json`` written only once the run has started (its data, models
 and checkpoint loaded): a run that fails at start-up leaves nothing behind. Every file is
 written atomically (:func:`~experiments.checkpoint.write_atomic`); a full disk stops the run
@@ -80,8 +84,9 @@ from torchhyper.heads import HEADS
 
 __all__ = ["train", "main"]
 
-# Fields that may differ between a run and its resumption.
-_RESUMABLE = {"resume", "device", "threads", "distributed"}
+# Fields that may differ between a run and its resumption; out_dir, as a run folder may be
+# moved or copied and resumed where it is now.
+_RESUMABLE = {"resume", "device", "threads", "distributed", "out_dir"}
 # config.pool -> the pool over every rank's share of a set, for global_pool=true.
 GLOBAL_POOLS = {"mean": GlobalMean, "sum": GlobalSum, "max": GlobalMax}
 
@@ -128,7 +133,8 @@ def check_out_dir(config: Config) -> Path:
     A new run takes a folder that is absent or empty, or that holds the start of the same run
     (its ``config.json`` alone: a run that stopped before its first checkpoint, which starts
     over). A resumed run takes the folder of a run with the same config (but for
-    ``_RESUMABLE``). Writes nothing: :func:`claim_out_dir` does, once the run has started.
+    ``_RESUMABLE``, which holds ``out_dir``: the folder may have been moved since). Writes
+    nothing: :func:`claim_out_dir` does, once the run has started.
 
     Raises:
         FileExistsError: A new run's folder holds anything else.
@@ -141,7 +147,8 @@ def check_out_dir(config: Config) -> Path:
         saved_path = out / "config.json"
         if not saved_path.is_file():
             raise FileNotFoundError(
-                f"cannot resume: {str(saved_path)!r} does not exist (no run in {str(out)!r})"
+                f"cannot resume: {str(saved_path)!r} does not exist (no run in {str(out)!r}); "
+                "if its run folder was moved, pass where it is now: --out_dir=NEW_PATH"
             )
         saved = json.loads(saved_path.read_text())
         changed = _changed(saved, resolved)
@@ -179,14 +186,19 @@ def check_out_dir(config: Config) -> Path:
 
 def claim_out_dir(config: Config) -> Path:
     r"""Makes the run folder and writes the resolved ``config.json`` (a resumed run keeps its
-    own); removes the temporary files of writes that a stopped run cut short. Call
-    :func:`check_out_dir` first."""
+    own, but for its ``out_dir``, set to where the folder is now); removes the temporary files
+    of writes that a stopped run cut short. Call :func:`check_out_dir` first."""
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in _STARTED - {"config.json"}:
         (out / name).unlink(missing_ok=True)
     if not config.resume:
         write_json(out / "config.json", config_to_dict(config))
+        return out
+    saved = _saved_config(out)
+    if saved is not None and saved.get("out_dir") != config.out_dir:
+        # The folder was moved or copied: its config file, itself a config, resumes it here.
+        write_json(out / "config.json", {**saved, "out_dir": config.out_dir})
     return out
 
 

@@ -255,7 +255,7 @@ def test_resume_refuses_a_checkpoint_of_another_run_naming_both(tmp_path):
         match=re.escape(
             f"checkpoint '{mine}/checkpoint.pt' belongs to another run: it was written by the "
             f"run 'gmm' in '{theirs}', whose config differs from this run's ('gmm' in '{mine}') "
-            "in ['lr', 'out_dir'] (lr: 0.5 there, 0.001 here; "
+            "in ['lr'] (lr: 0.5 there, 0.001 here)"
         ),
     ):
         run(mine, "--resume=true")
@@ -293,6 +293,45 @@ def test_a_checkpoint_without_its_config_resumes_with_a_warning(tmp_path, monkey
     torch.save(checkpoint, out / "checkpoint.pt")
     with pytest.warns(UserWarning, match="records no config .*cannot check that it belongs"):
         run(out, "--resume=true")
+
+
+# A run folder moved or copied elsewhere -----------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["move", "copy"])
+def test_a_moved_run_folder_resumes_where_it_is_now(tmp_path, monkeypatch, straight, how):
+    old, new = tmp_path / "full" / "run", tmp_path / "other" / "run"
+    crash_at(monkeypatch, 3)  # stopped after the checkpoint at step 2
+    with pytest.raises(KeyboardInterrupt):
+        run(old)
+    monkeypatch.undo()
+    new.parent.mkdir()
+    if how == "move":
+        shutil.move(old, new)
+    else:  # copied off a full disk, say, and the original deleted
+        shutil.copytree(old, new)
+        shutil.rmtree(old)
+    with pytest.raises(
+        FileNotFoundError, match="folder was moved, pass where it is now: --out_dir="
+    ):
+        run(old, "--resume=true")
+    before = files(new)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"cannot resume the run in '{new}': its config differs in ['lr']; only "
+            "['device', 'distributed', 'out_dir', 'resume', 'threads'] may change when resuming"
+        ),
+    ):
+        run(new, "--resume=true", "--lr=0.5")  # another config is still refused
+    assert files(new) == before
+    assert run(new, "--resume=true") == straight[1]
+    assert_same_models(straight[0], new)
+    assert not old.exists()  # nothing written where the folder was
+    assert json.loads((new / "config.json").read_text())["out_dir"] == str(new)
+    assert torch.load(new / "checkpoint.pt", weights_only=True)["config"]["out_dir"] == str(new)
+    # Its config.json, itself a config file, now resumes it where it is.
+    assert trainer.main([str(new / "config.json"), "--resume=true"]) == straight[1]
 
 
 # A full disk ----------------------------------------------------------------------------------
