@@ -11,6 +11,7 @@ r"""Helpers that put generated parameters into a downstream module, by name.
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -51,21 +52,50 @@ def _check(
     unexpected = [k for k in params if k not in names]
     missing = [k for k in names if k not in params] if require_all else []
     if unexpected or missing:
+        subset = (
+            f". {argument} covers only a subset of the module's parameters (as a hypernetwork "
+            "built with include=... or exclude=... generates): pass strict=False to keep the "
+            "module's own values for the missing ones"
+            if missing and not unexpected
+            else ""
+        )
         raise ValueError(
             f"{argument} does not match the names of {type(module).__name__}: "
             f"unexpected keys {unexpected}, missing keys {missing}; "
-            f"expected names like {names[:8]}{' ...' if len(names) > 8 else ''}"
+            f"expected names like {names[:8]}{' ...' if len(names) > 8 else ''}{subset}"
         )
     reference: dict[str, Tensor] = dict(module.named_parameters())
     reference.update(module.named_buffers())
-    not_tensors = [k for k, v in params.items() if not isinstance(v, Tensor)]
+    not_tensors = [
+        f"{argument}[{k!r}] is {type(v).__name__}"
+        for k, v in params.items()
+        if not isinstance(v, Tensor)
+    ]
     if not_tensors:
-        raise TypeError(f"{argument} values must be tensors; not tensors: {not_tensors}")
+        raise TypeError(
+            f"{argument} values must be tensors: {'; '.join(not_tensors)}. Convert them, e.g. "
+            "with torch.as_tensor(value), shaped like the module's own parameter"
+        )
     shapes = [
         f"{k}: expected {tuple(reference[k].shape)}, got {tuple(v.shape)}"
         for k, v in params.items()
         if v.shape != reference[k].shape
     ]
+    # One parameter set per sample, (B, *shape), where the module holds one set of `shape`.
+    batched = [
+        f"{k} (B={v.shape[0]})"
+        for k, v in params.items()
+        if v.dim() == reference[k].dim() + 1 and v.shape[1:] == reference[k].shape
+    ]
+    if batched:
+        raise ValueError(
+            f"{argument} has wrong shapes: {'; '.join(shapes)}. These tensors have an extra "
+            f"leading dimension, (B, *shape) where the module expects shape: {', '.join(batched)}"
+            ". They hold one parameter set per sample (as HyperNetwork.per_sample, "
+            "HyperNetwork.per_set and EmbeddingHyperNetwork(ids) return): apply them with "
+            "torchhyper.per_sample_call(module, params, x), or index one set: "
+            "{k: v[i] for k, v in params.items()}"
+        )
     if shapes:
         raise ValueError(f"{argument} has wrong shapes: " + "; ".join(shapes))
     if check_dtype:
@@ -250,8 +280,13 @@ def load_params(module: nn.Module, params: Mapping[str, Tensor], *, strict: bool
         params: Tensors keyed like ``module.named_parameters()``.
         strict: Require every parameter of the module to be present.
 
+    Values may alias the module's own parameters (``{"a": m.b, "b": m.a}`` swaps them): every
+    value is read before the first write.
+
     Raises:
-        ValueError: Unknown or missing names, wrong shapes, or values that cannot be copied.
+        ValueError: Unknown or missing names (a subset of the names needs ``strict=False``),
+            wrong shapes (batched ``(B, *shape)`` values included), or values that cannot be
+            copied.
         TypeError: Wrong dtypes, or values that are not tensors.
     """
     names = [n for n, _ in module.named_parameters()]
@@ -265,9 +300,21 @@ def load_params(module: nn.Module, params: Mapping[str, Tensor], *, strict: bool
         check_copy=True,
     )
     targets = dict(module.named_parameters())
+    # A value may alias a parameter that is written first (a swap: {"a": m.b, "b": m.a}): read
+    # every such value (a copy) before the first write. A value that is its own target is not.
+    written = {_storage(targets[k]) for k in params}
+    sources = {
+        k: v.clone() if v is not targets[k] and _storage(v) in written else v
+        for k, v in params.items()
+    }
     with torch.no_grad():
-        for name, value in params.items():
+        for name, value in sources.items():
             targets[name].copy_(value)
+
+
+def _storage(tensor: Tensor) -> tuple[torch.device, int]:
+    """Where ``tensor``'s memory lives: equal for tensors that share storage (views)."""
+    return tensor.device, tensor.untyped_storage().data_ptr()
 
 
 def materialize(module: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
@@ -276,11 +323,50 @@ def materialize(module: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
     ``module`` itself is left untouched; names missing from ``params`` keep its values.
 
     Raises:
-        ValueError: Unknown names, or wrong shapes.
-        TypeError: Wrong dtypes.
+        ValueError: Unknown names, or wrong shapes (batched ``(B, *shape)`` values included).
+        TypeError: Wrong dtypes, values that are not tensors, or a module that cannot be
+            deep-copied.
     """
     names = [n for n, _ in module.named_parameters()]
     _check(module, params, argument="params", names=names, require_all=False, check_dtype=True)
-    clone = copy.deepcopy(module)
+    clone = _deepcopy(module)
     load_params(clone, {k: v.detach() for k, v in params.items()}, strict=False)
     return clone
+
+
+def _deepcopy(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy(module)``, also for deeply nested modules, with an error that says which
+    attribute cannot be copied."""
+    # deepcopy recurses about six frames per level of submodules: 200 nested Sequentials
+    # overflow Python's default limit of 1000 frames.
+    depth = max(name.count(".") + 1 for name, _ in module.named_modules())
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 10 * depth)
+    try:
+        return copy.deepcopy(module)
+    except (TypeError, copy.Error) as error:
+        found = _uncopyable(module)
+        where = f" (attributes that cannot be copied: {'; '.join(found)})" if found else ""
+        raise TypeError(
+            f"materialize needs a deep copy of the module, and {type(module).__name__} cannot "
+            f"be deep-copied: {error}{where}. Make it deep-copyable (e.g. give the class a "
+            "__deepcopy__, or create such attributes lazily), or use bind(module, params) or "
+            "load_params(module, params) on the module itself"
+        ) from error
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def _uncopyable(module: nn.Module) -> list[str]:
+    """The attributes of ``module`` and its submodules that ``copy.deepcopy`` fails on, as
+    ``name (type)``. Each submodule is searched on its own; parameters and buffers are skipped."""
+    found = []
+    for path, owner in module.named_modules():
+        for attr, value in vars(owner).items():
+            if attr in ("_modules", "_parameters", "_buffers") or isinstance(value, nn.Module):
+                continue
+            try:
+                copy.deepcopy(value)
+            except Exception:
+                found.append(f"{path + '.' if path else ''}{attr} ({type(value).__name__})")
+    return found
