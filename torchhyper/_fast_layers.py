@@ -12,6 +12,7 @@ channels of all samples, the norms normalize as usual and apply per-sample scale
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -152,16 +153,30 @@ def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x: Tensor, ctx: _Context) ->
 def _update_running_stats(
     m: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, count: int
 ) -> None:
-    """One update with the average over samples of each sample's batch statistics."""
+    """One update with the average over samples of each sample's batch statistics. Samples
+    whose statistics are not finite are left out (with a warning): one bad sample would
+    otherwise spoil the running statistics every later call reads."""
     tracked, running_mean, running_var = m.num_batches_tracked, m.running_mean, m.running_var
     if tracked is None or running_mean is None or running_var is None:
         return  # track_running_stats registers all three
     with torch.no_grad():
+        mean, var = mean.flatten(1), var.flatten(1)
+        finite = torch.isfinite(mean).all(1) & torch.isfinite(var).all(1)
+        if not bool(finite.all()):
+            warnings.warn(
+                f"{int((~finite).sum())} of {len(finite)} samples reach {type(m).__name__} with "
+                "non-finite values: they are left out of its running statistics",
+                UserWarning,
+                stacklevel=2,
+            )
+            mean, var = mean[finite], var[finite]
+            if not len(mean):
+                return
         tracked.add_(1)
         factor = 1.0 / tracked.item() if m.momentum is None else m.momentum
         unbiased = var * (count / (count - 1))
-        running_mean.mul_(1 - factor).add_(mean.mean(0).flatten(), alpha=factor)
-        running_var.mul_(1 - factor).add_(unbiased.mean(0).flatten(), alpha=factor)
+        running_mean.mul_(1 - factor).add_(mean.mean(0), alpha=factor)
+        running_var.mul_(1 - factor).add_(unbiased.mean(0), alpha=factor)
 
 
 def _embedding(m: nn.Embedding, x: Tensor, ctx: _Context) -> Any:

@@ -9,8 +9,10 @@ maps to parameters of shape ``(*, *shape)``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal, Union
 
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from torchhyper._checks import module
+from torchhyper._drift import _check, _Watch
 from torchhyper._record import _SHOWN, _few, _Recorded
 from torchhyper._spec import _describe, _lazy_names, _select
 from torchhyper.heads.build import _make_head
@@ -72,6 +75,10 @@ class _Generator(_Recorded):
     offset: Tensor
     center: Tensor
     center_calls: Tensor
+    # The checks of each call (downstream drift, non-finite embeddings); off only to measure
+    # what they cost (benchmarks/heads.py).
+    _guard: bool = True
+    _watch: _Watch | None = None  # None: unpickled from a version without it
 
     def _build(
         self,
@@ -97,6 +104,8 @@ class _Generator(_Recorded):
         default = torch.get_default_dtype()
         dtype = functools.reduce(torch.promote_types, self.dtypes, default)
 
+        # What the downstream holds now, checked at every call (torchhyper._drift).
+        self._watch = _Watch(downstream, names, self.shapes, self.dtypes)
         # Gives the head an embedding of zero mean and unit variance, whatever the input scale.
         self.norm = nn.LayerNorm(in_features, elementwise_affine=False)
 
@@ -140,6 +149,8 @@ class _Generator(_Recorded):
             The generated parameters, keyed and ordered like ``downstream.named_parameters()``,
             each in the dtype of its downstream tensor.
         """
+        if self._guard and self._watch is not None and not torch.compiler.is_compiling():
+            _check(self._watch, self.gain.device)
         z = self.norm(z)
         batch = z.shape[:-1]
         if self.bases is None:
@@ -156,15 +167,75 @@ class _Generator(_Recorded):
         """``z`` minus the running mean of the embeddings; in training mode, the mean then
         takes in ``z``. (Centering on a mean that already holds ``z`` would give the first
         call an update of exactly zero and the next ones tiny gradients, which Adam blows up
-        to full steps: rounding noise would then steer the first steps.)"""
+        to full steps: rounding noise would then steer the first steps.)
+
+        Embeddings with a non-finite value (from a non-finite input) are left out of the mean,
+        with a warning: the running mean never holds one, and each row's update reads the mean
+        as it was before the call, so one bad row spoils no other, in this call or later."""
         centered = z - self.center
         if self.training:
             with torch.no_grad():
-                self.center_calls += 1
-                rate = self.center_calls.reciprocal().clamp(min=_CENTER_RATE).to(self.center.dtype)
-                mean = z.detach().reshape(-1, z.shape[-1]).mean(0)
+                rows = z.detach().reshape(-1, z.shape[-1])
+                finite = torch.isfinite(rows).all(-1)
+                count = finite.sum()
+                # Without a branch on the values (torch.compile, no host sync): a call with no
+                # finite row moves neither the mean nor the count of calls.
+                mean = torch.where(finite.unsqueeze(-1), rows, 0).sum(0) / count.clamp(min=1)
+                moved = count > 0
+                self.center_calls += moved
+                calls = self.center_calls.clamp(min=1).reciprocal().clamp(min=_CENTER_RATE)
+                rate = torch.where(moved, calls, 0).to(self.center.dtype)
                 self.center.add_((mean - self.center) * rate)
+                if self._guard and _can_read(z) and not bool(finite.all()):
+                    warnings.warn(
+                        f"{int(len(rows) - count)} of {len(rows)} embeddings in this training "
+                        "call are not finite (NaN or inf in the input, or an overflow): their "
+                        "outputs are not finite, and they are left out of the running mean of "
+                        "the embeddings, which stays as it was for them; skip the optimizer "
+                        "step on a non-finite loss",
+                        UserWarning,
+                        stacklevel=4,
+                    )
         return centered
+
+    def rebase_(self, downstream: nn.Module | None = None) -> None:
+        r"""Takes the downstream's current values as the base, in place: after a checkpoint was
+        loaded into the downstream, or its weights were changed otherwise, since construction.
+        The update (the head) is kept as it is.
+
+        Args:
+            downstream: The module to read, with the names and shapes the hypernetwork was built
+                on; default: the downstream it was built on.
+
+        Raises:
+            ValueError: ``base="none"`` (no base to set), the downstream is gone, or its names,
+                shapes or dtypes differ from construction's (nothing is written).
+        """
+        if self.bases is None:
+            raise ValueError(
+                "rebase_ needs a base, but this hypernetwork has base='none' (it generates "
+                "every value and copies none); build it with base='learned' or 'frozen'"
+            )
+        watch = self._watch
+        module = downstream if downstream is not None or watch is None else watch.module()
+        if module is None or watch is None:
+            raise ValueError(
+                "the downstream the hypernetwork was built on is gone: pass one, "
+                "hypernetwork.rebase_(downstream)"
+            )
+        if downstream is not None:  # the record of construction, on the module given
+            watch = copy.deepcopy(watch)
+            watch.ref = weakref.ref(downstream)
+        lines = watch.problems()
+        if lines:
+            raise ValueError(
+                "rebase_ needs the names, shapes and dtypes the hypernetwork was built on: "
+                + "; ".join(lines)
+            )
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for name, base in zip(self.names, self.bases):
+                base.copy_(params[name].detach())
 
     def _load_problems(
         self, state_dict: dict[str, Any], prefix: str, strict: bool | None
@@ -253,6 +324,11 @@ def _check_downstream(
             + f" leave them to the module with exclude={not_real[:_SHOWN]!r}"
         )
     return names
+
+
+def _can_read(t: Tensor) -> bool:
+    """Whether ``t``'s values can be read on the host now: not while compiling, not on meta."""
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
 
 
 def _warn_unmoved(head: Head, names: list[str], values: list[Tensor], *, frozen: bool) -> None:

@@ -91,6 +91,16 @@ class HyperNetwork(_Generator):
     refused. The state dict records the generated names and shapes; ``load_state_dict`` checks
     them, and every key and shape, before it writes anything.
 
+    Checks at each call. The downstream it was built on is compared with what it held at
+    construction: a layer added or replaced, a conversion to another dtype, or buffers on
+    another device than the hypernetwork raise a ``ValueError`` that names the tensors (change
+    the downstream first, then build). Values loaded into the downstream later are not read:
+    :meth:`rebase_` takes them as the base. In training mode, embeddings with a non-finite
+    value are left out of the running mean, with a warning, so no buffer holds one and no other
+    row is spoiled. The update starts at exactly zero: at init the generated weights do not
+    depend on the input, and a loss's gradient with respect to the input is zero until the
+    first optimizer step. ``docs/guides/pitfalls.md`` has the details.
+
     Set encoding. Each example is encoded on its own (by the MLP of ``hidden_sizes``, or by your
     ``encoder`` followed by that MLP), then the pool reduces the set. Two options help when the
     fit needs the set's scale as well as its location (amortized fits of distributions):
