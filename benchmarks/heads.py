@@ -16,7 +16,9 @@ pairs, the loss is taken on 512 other inputs of the same task.
 
 A variant is a head name on the default learned base (``auto`` is the seed constructor's
 default), ``NAME:none`` for the same head with ``base="none"`` (``auto:none`` was the default
-before the learned base), or ``fixed``: a parameter-free head, the cost of everything else.
+before the learned base), ``fixed``: a parameter-free head, the cost of everything else, or
+``NAME:learned:unchecked``: the head without the checks of each call (the downstream changed
+since construction, non-finite embeddings), to measure what they cost.
 Set ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=134217728`` to time with glibc's
 thresholds fixed (see ``benchmarks/RESULTS-heads.md``).
 
@@ -81,7 +83,7 @@ HEADS = {
 
 def head_and_base(variant: str):
     name, _, base = variant.partition(":")
-    return HEADS[name], base or "learned"
+    return HEADS[name], base.partition(":")[0] or "learned"
 
 
 # The dense head of the 5 M MLP and of the UNet needs 7.8 GB and 17 GB with Adam: skipped.
@@ -128,6 +130,7 @@ class Variant:
             features = make_batch()[2].shape[1]
             head, base = head_and_base(name)
             self.hyper = HyperNetwork(features, HIDDEN, downstream, head=head, base=base)
+            self.hyper._guard = not name.endswith(":unchecked")
             self.trained = self.hyper
         self.optimizer = torch.optim.Adam(self.trained.parameters(), lr=1e-3)
 
@@ -228,6 +231,11 @@ def timing(ds_name: str, heads: list[str], rounds: int, steps: int, batch: int):
             "head": sum(p.numel() for p in v.hyper.head.parameters()) if v.name != "direct" else 0,
             "repr": _describe_head(v.hyper.head) if v.name != "direct" else "-",
         }
+    for name in times:  # what the checks of each call cost: paired with the same head unchecked
+        checked = name.removesuffix(":unchecked").removesuffix(":learned")
+        if name.endswith(":unchecked") and checked in times:
+            paired = [a / b for a, b in zip(times[checked], times[name])]
+            rows[checked]["checks"] = statistics.median(paired) - 1
     return numel, rows
 
 
@@ -324,6 +332,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--memory-child", nargs=2, metavar=("DOWNSTREAM", "HEAD"))
     parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, help="timing: interleaved rounds (3 quick, 7 full)")
     parser.add_argument(
         "--train-steps", type=int, help="quality: training steps (300 quick, 1000 full)"
     )
@@ -335,6 +344,7 @@ def main() -> None:
     heads = args.heads.split(",")
     parts = args.parts.split(",")
     rounds, steps, train_steps = (3, 3, 300) if args.quick else (7, 5, 1000)
+    rounds = args.rounds or rounds
     train_steps = args.train_steps or train_steps
     print(f"# Heads vs direct training (CPU, 1 thread, {'quick' if args.quick else 'full'})\n")
     print(header())
@@ -371,6 +381,13 @@ def main() -> None:
                 f"{q / qdir:.2f}" if q is not None and qdir else "-",
             ]
             print("| " + " | ".join(cells) + " |")
+        for name, row in rows.items():
+            if "checks" in row:
+                print(
+                    f"\nThe checks of each call (downstream drift, non-finite embeddings) cost "
+                    f"{100 * row['checks']:+.1f}% of {name}'s step (median over {r} rounds of "
+                    f"the paired ratio to {name} unchecked)."
+                )
         skipped = [h for h in heads if not fits(h, numel)]
         if skipped:
             print(

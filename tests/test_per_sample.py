@@ -214,7 +214,8 @@ def test_errors():
         per_sample_call(module, good, (x, torch.randn(2, 3)), {"y": [torch.randn(2)]})
     with pytest.raises(TypeError, match="params must be a dict of name -> Tensor, got list"):
         per_sample_call(module, [1], x)
-    with pytest.raises(TypeError, match="params must be a dict of name -> Tensor, got dict"):
+    odd = r"params must map names to tensors \(B, \*shape\), got \['0.bias \(list\)'\]"
+    with pytest.raises(TypeError, match=odd):
         per_sample_call(module, {**good, "0.bias": [0.0] * 6}, x)
     with pytest.raises(ValueError, match="params is empty"):
         per_sample_call(module, {}, x)

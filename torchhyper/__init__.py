@@ -6,6 +6,7 @@ from torchhyper.heads import (
     DenseHead,
     FiLMHead,
     Head,
+    HybridHead,
     LoRAHead,
     LowRankHead,
     NoUpdate,
@@ -15,6 +16,7 @@ from torchhyper.model import HyperNetwork
 from torchhyper.params import bind, load_params, materialize
 from torchhyper.per_sample import per_sample_call, vmap_compatible
 from torchhyper.pooling import AttentionPool
+from torchhyper.state import checkpoint_state, load_checkpoint_state
 
 __version__ = "0.3.0"
 
@@ -26,6 +28,7 @@ __all__ = [
     "vmap_compatible",
     "output_regularizer",
     "Head",
+    "HybridHead",
     "FiLMHead",
     "NoUpdate",
     "DenseHead",
@@ -36,4 +39,6 @@ __all__ = [
     "bind",
     "load_params",
     "materialize",
+    "checkpoint_state",
+    "load_checkpoint_state",
 ]

@@ -160,7 +160,8 @@ def output_regularizer(params: Mapping[str, Tensor], targets: Mapping[str, Tenso
 
     Args:
         params: The parameters generated now for earlier task ids, each ``(T, *shape)``.
-        targets: The parameters stored for the same ids, keyed and shaped like ``params``.
+        targets: The parameters stored for the same ids, with the keys (in any order) and
+            shapes of ``params``.
 
     Returns:
         A scalar tensor.
@@ -181,7 +182,7 @@ def output_regularizer(params: Mapping[str, Tensor], targets: Mapping[str, Tenso
         | Continual learning with hypernetworks (von Oswald et al., 2020)
         | https://arxiv.org/abs/1906.00695
     """
-    if list(params) != list(targets):
+    if params.keys() != targets.keys():  # the same keys, in any order
         missing = [k for k in params if k not in targets]
         unexpected = [k for k in targets if k not in params]
         raise ValueError(
@@ -197,5 +198,5 @@ def output_regularizer(params: Mapping[str, Tensor], targets: Mapping[str, Tenso
         raise ValueError("params and targets must have the same shapes: " + "; ".join(wrong))
     first = next(iter(params.values()))
     tasks = first.shape[0] if first.dim() else 1
-    total = sum((p - t.detach()).square().sum() for p, t in zip(params.values(), targets.values()))
+    total = sum((p - targets[k].detach()).square().sum() for k, p in params.items())
     return cast(Tensor, total) / tasks

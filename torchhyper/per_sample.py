@@ -287,8 +287,9 @@ def _explain(
     kwargs: dict[str, Any],
 ) -> tuple[int, _Index]:
     """The full check, with messages that list every offender; the slow path of :func:`_check`."""
-    if not all(isinstance(v, Tensor) for v in params.values()):
-        raise TypeError(f"params must be a dict of name -> Tensor, got {type(params).__name__}")
+    odd = [f"{k} ({type(v).__name__})" for k, v in params.items() if not isinstance(v, Tensor)]
+    if odd:
+        raise TypeError(f"params must map names to tensors (B, *shape), got {odd}")
     if not params:
         raise ValueError("params is empty: per_sample_call needs at least one (B, *shape) tensor")
     index = _index(downstream, fresh=True)  # the module may have changed since it was indexed
@@ -299,6 +300,15 @@ def _explain(
         raise ValueError(
             f"params has names that are not parameters or buffers of {type(downstream).__name__}: "
             f"{unexpected}; expected names like {names[:8]}{' ...' if len(names) > 8 else ''}"
+        )
+    unbatched = [k for k, v in params.items() if v.shape == reference[k].shape]
+    if unbatched and len(unbatched) == len(params):
+        raise ValueError(
+            f"params are one parameter set, shaped like the module's own ({unbatched[0]}: "
+            f"{tuple(params[unbatched[0]].shape)}), but per_sample_call applies one set per "
+            "sample, (B, *shape): apply one set with torch.func.functional_call(downstream, "
+            "params, x), or generate one per sample with hypernetwork.per_sample(x) (or "
+            "per_set)"
         )
     # B is the leading size of most tensors, so that the odd one out is the one reported.
     sizes = [v.shape[0] for k, v in params.items() if v.dim() == reference[k].dim() + 1]
