@@ -231,12 +231,34 @@ def timing(ds_name: str, heads: list[str], rounds: int, steps: int, batch: int):
             "head": sum(p.numel() for p in v.hyper.head.parameters()) if v.name != "direct" else 0,
             "repr": _describe_head(v.hyper.head) if v.name != "direct" else "-",
         }
+    for v in variants:  # the checks of each call alone, timed by themselves
+        if v.name != "direct" and not v.name.endswith(":unchecked"):
+            rows[v.name]["checks_us"] = 1e6 * _checks_alone(v, data[0])
     for name in times:  # what the checks of each call cost: paired with the same head unchecked
         checked = name.removesuffix(":unchecked").removesuffix(":learned")
         if name.endswith(":unchecked") and checked in times:
             paired = [a / b for a, b in zip(times[checked], times[name])]
             rows[checked]["checks"] = statistics.median(paired) - 1
     return numel, rows
+
+
+def _checks_alone(v: Variant, batch, calls: int = 2000) -> float:
+    """Seconds per call of the checks a call makes besides its work: the downstream against
+    its record, and whether the embeddings are finite."""
+    from torchhyper._drift import _check
+
+    z = v.hyper.norm(v.hyper.embed(batch[2])).detach()
+    device = v.hyper.gain.device
+
+    def checks() -> None:
+        _check(v.hyper._watch, device)
+        bool(torch.isfinite(z).all())
+
+    checks()
+    start = time.perf_counter()
+    for _ in range(calls):
+        checks()
+    return (time.perf_counter() - start) / calls
 
 
 def _describe_head(head: nn.Module) -> str:
@@ -382,6 +404,11 @@ def main() -> None:
             ]
             print("| " + " | ".join(cells) + " |")
         for name, row in rows.items():
+            if "checks_us" in row:
+                print(
+                    f"\n{name}: the checks of each call take {row['checks_us']:.0f} us by "
+                    f"themselves, {row['checks_us'] / (10 * row['ms']):.2f}% of its step."
+                )
             if "checks" in row:
                 print(
                     f"\nThe checks of each call (downstream drift, non-finite embeddings) cost "
