@@ -20,7 +20,7 @@ before the learned base), ``fixed``: a parameter-free head, the cost of everythi
 ``NAME:learned:unchecked``: the head without the checks of each call (the downstream changed
 since construction, non-finite embeddings), to measure what they cost.
 Set ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=134217728`` to time with glibc's
-thresholds fixed (see ``benchmarks/RESULTS-heads.md``).
+thresholds fixed (see ``docs/results/heads.md``).
 
 Peak memory: each variant runs in a fresh subprocess (Linux): after imports, data and the
 downstream are built, we reset the process's peak resident set size (``/proc/self/clear_refs``),
@@ -348,7 +348,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps")
     parser.add_argument("--downstreams", default="mlp-269k,mlp-1m,mlp-5m,unet")
     parser.add_argument(
-        "--heads", default="auto,film,dense,lora,chunked,lowrank,none,auto:none,dense:none"
+        "--heads", default="auto,film,dense,lora,chunked,lowrank,no_update,auto:none,dense:none"
     )
     parser.add_argument("--parts", default="time,memory,quality")
     parser.add_argument("--batch", type=int, default=BATCH)

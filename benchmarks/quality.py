@@ -252,7 +252,9 @@ def jobs_for(task: str, variants: list[str], seeds: list[int]) -> list[tuple[str
     if (
         task == "gmm-amortized"
     ):  # a whole experiment per run: the default, FiLM, no update, the original
-        names = [v for v in names if v in ("direct", "auto", "film", "none", "dense (base none)")]
+        names = [
+            v for v in names if v in ("direct", "auto", "film", "no_update", "dense (base none)")
+        ]
     if not task.startswith("lora-"):
         names = [v for v in names if v not in FROZEN]
     elif task == "lora-set":  # the old default of EmbeddingHyperNetwork is for lora-id only

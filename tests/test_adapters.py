@@ -71,7 +71,7 @@ def test_peft_loads_the_exported_adapter(name, base, tmp_path):
     hyper = trained(HyperNetwork(5, [16], model, include="*lora_*", base=base))
     if base == "learned":
         with torch.no_grad():
-            for b in hyper.bases:
+            for b in hyper.base:
                 b.add_(torch.randn_like(b) * 0.05)  # a trained base is part of the adapter
     params = hyper(torch.randn(6, 5))
     tokens = torch.randint(0, 32, (2, 8))

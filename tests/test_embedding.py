@@ -60,7 +60,7 @@ def test_shares_the_hypernetwork_init_and_heads():
         torch.manual_seed(0)
         hyper = EmbeddingHyperNetwork(3, 16, module, head=head, base="none")
         reference = HyperNetwork(2, [16], module, head=head, base="none")
-        torch.testing.assert_close(hyper.scale, reference.scale)
+        torch.testing.assert_close(hyper.spread, reference.spread)
         torch.testing.assert_close(hyper.offset, reference.offset)
         assert type(hyper.head) is type(reference.head)
         std = hyper(torch.arange(3))["1.weight"].std().item()
@@ -73,10 +73,10 @@ def test_shares_the_hypernetwork_init_and_heads():
 
 def test_state_dict_keys():
     hyper = EmbeddingHyperNetwork(3, 4, nn.Linear(2, 2), hidden_sizes=[8], head="dense")
-    assert hyper.base == "learned"  # the default, as for HyperNetwork
+    assert hyper.base is not None and hyper.base[0].requires_grad  # learned, as HyperNetwork's
     assert list(hyper.state_dict()) == [
         "gain",
-        "scale",
+        "spread",
         "center",
         "center_calls",
         "_extra_state",
@@ -85,15 +85,15 @@ def test_state_dict_keys():
         "encoder.0.bias",
         "head.weight",
         "head.bias",
-        "bases.0",
-        "bases.1",
+        "base.0",
+        "base.1",
     ]
     hyper = EmbeddingHyperNetwork(
         3, 4, nn.Linear(2, 2), hidden_sizes=[8], head="dense", base="none"
     )
     assert list(hyper.state_dict()) == [
         "gain",
-        "scale",
+        "spread",
         "offset",
         "_extra_state",
         "embedding.weight",

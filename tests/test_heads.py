@@ -14,6 +14,7 @@ from torch.func import functional_call
 
 from torchhyper import HyperNetwork
 from torchhyper.heads import (
+    AUTO_BUDGET,
     HEADS,
     ChunkedHead,
     DenseHead,
@@ -50,7 +51,7 @@ def count(module: nn.Module) -> int:
 def test_parameter_counts():
     n = sum(torch.Size(s).numel() for s in SHAPES)  # 30 + 6 + 1 + 12 + 7 = 56
     assert count(DenseHead(H, SHAPES)) == (H + 1) * n
-    chunked = ChunkedHead(H, SHAPES, chunk_size=8, embedding_dim=4, rank=5)
+    chunked = ChunkedHead(H, SHAPES, chunk_size=8, chunk_dim=4, rank=5)
     assert chunked.chunks == 7
     assert count(chunked) == 7 * 4 + (H + 4 + 1) * 5 + 8 * 5 + 8
     r = 3
@@ -59,20 +60,23 @@ def test_parameter_counts():
 
 
 def test_auto_policy_decides_by_cost():
-    """Dense while (H + 1) N fits 2**20 parameters; above, HybridHead on a base (dense maps for the
-    smallest tensors within that budget) or LoRAHead without one. The head says why."""
-    fits = 2**20 // (H + 1)  # the most values a dense head may generate
+    """Dense while (H + 1) N fits AUTO_BUDGET parameters; above, HybridHead on a base (dense maps
+    for the smallest tensors within that budget) or LoRAHead without one. The head says why."""
+    assert AUTO_BUDGET == 2**20
+    fits = AUTO_BUDGET // (H + 1)  # the most values a dense head may generate
     for base in (True, False):
         head = auto_head(H, [(fits,)], base=base)
-        assert isinstance(head, DenseHead) and "within the budget of 1,048,576" in head.reason
+        assert (
+            isinstance(head, DenseHead) and f"within the budget of {AUTO_BUDGET:,}" in head.reason
+        )
     head = auto_head(H, [(fits + 1,)])
-    assert isinstance(head, HybridHead) and "over the budget of 1,048,576" in head.reason
+    assert isinstance(head, HybridHead) and f"over the budget of {AUTO_BUDGET:,}" in head.reason
     assert isinstance(auto_head(H, [(fits + 1,)], base=False), LoRAHead)
     assert auto_head(H, [(1000, 1000)], base=False).rank == 16  # capped
     # Smallest first: the vector and the small matrix get dense maps, the large one does not.
     head = auto_head(H, [(2000, 600), (2000,), (10, 600)])
     assert head.dense_index == [1, 2] and head.scaled_index == [0]
-    assert head.budget == 2**20
+    assert head.budget == AUTO_BUDGET
     # Without the bases every other tensor gets the additive term; with them, only those with a
     # row of zeros (and vectors).
     assert head.scaled.additive == [True]
@@ -94,31 +98,43 @@ def test_auto_seed_constructor(input_dim):
     )
     hyper = HyperNetwork(input_dim, [32, 64, 96], mlp)
     head = hyper.head
-    assert isinstance(head, HybridHead) and hyper.base == "learned"
+    assert isinstance(head, HybridHead) and "base='learned'" in repr(hyper)
     assert head.dense_index == [1, 3, 4, 5] and head.scaled_index == [0, 2]
     dense = 97 * (256 + 256 + 2560 + 10)
     scaled = 97 * (256 + 256)  # row scales: no row of the bases is zero, no additive term
     assert count(head) == dense + scaled
-    assert sum(b.numel() for b in hyper.bases) == hyper.numel == 269_322
+    assert sum(b.numel() for b in hyper.base) == hyper.numel == 269_322
     assert "base='learned'" in repr(hyper)
     assert "head=HybridHead (auto: dense would need" in repr(hyper)
     text = summary(hyper).splitlines()
-    assert text[0] == "head: HybridHead(budget=1048576, rank=8)"
+    assert text[0] == f"head: HybridHead(budget={AUTO_BUDGET}, rank=8)"
     assert text[1].startswith("why: auto: dense would need 26,124,234 parameters, over the")
     assert text[2] == "base: learned (269,322 values, trained)"
     assert text[4].startswith(
         f"trained parameters: {count(hyper):,} ({count(hyper) / hyper.numel:.3g}x generated)"
     )
-    assert f"head {count(hyper.head):,}" in text[4] and "bases 269,322" in text[4]
+    assert f"head {count(hyper.head):,}" in text[4] and "base 269,322" in text[4]
     frozen = HyperNetwork(input_dim, [32, 64, 96], mlp, base="frozen")
     assert summary(frozen).splitlines()[2] == "base: frozen (269,322 values, fixed)"
-    assert "bases" not in summary(frozen).splitlines()[4]
+    assert "base " not in summary(frozen).splitlines()[4]
 
 
 def test_registry_is_the_one_list_of_names():
     assert head_names() == ["auto", *HEADS]
-    assert {"film", "dense", "lora", "chunked", "lowrank", "none"} <= set(HEADS)
+    assert {"film", "dense", "lora", "chunked", "lowrank", "no_update"} <= set(HEADS)
     assert all(isinstance(cls, type) and issubclass(cls, Head) for cls in HEADS.values())
+
+
+def test_renamed_names_are_refused_with_the_new_name():
+    """A name or keyword of an earlier release raises, naming its replacement."""
+    mlp = nn.Sequential(nn.Linear(3, 4))
+    with pytest.raises(ValueError, match="head='none' is now head='no_update'"):
+        HyperNetwork(3, [8], mlp, head="none")
+    assert "none" not in head_names()
+    with pytest.raises(
+        TypeError, match=r"ChunkedHead\(\) takes chunk_dim= in place of embedding_dim=: pass"
+    ):
+        ChunkedHead(H, SHAPES, embedding_dim=4)
 
 
 @pytest.fixture
@@ -264,9 +280,9 @@ def test_lora_state_dict_keeps_seed_not_noise():
             "chunk_size must be a positive int, got 0",
         ),
         (
-            functools.partial(ChunkedHead, embedding_dim=2.5),
+            functools.partial(ChunkedHead, chunk_dim=2.5),
             ValueError,
-            "embedding_dim must be a positive int, got 2.5",
+            "chunk_dim must be a positive int, got 2.5",
         ),
     ],
 )
@@ -289,7 +305,7 @@ def test_make_head_and_summary_errors():
         TypeError, match=r"calling it on a dummy input of shape \(12,\) raised RuntimeError"
     ):
         _make_head(lambda h, s: nn.Linear(h + 1, 56), H, SHAPES, bases=ONES)
-    for name in ("film", "none"):
+    for name in ("film", "no_update", "hybrid"):
         with pytest.raises(ValueError, match="modulates a base, but base='none'"):
             _make_head(name, H, SHAPES, bases=None)
     with pytest.raises(TypeError, match="hypernetwork must be a HyperNetwork .* got Linear"):
@@ -320,7 +336,7 @@ def test_chunked_chunk_size_larger_than_numel():
     assert head.chunks == 3 and head(torch.randn(H)).shape == (10,)
 
 
-BASE_FACTORIES = FACTORIES | {"film": FiLMHead, "none": NoUpdate, "hybrid": HYBRID}
+BASE_FACTORIES = FACTORIES | {"film": FiLMHead, "no_update": NoUpdate, "hybrid": HYBRID}
 
 
 @pytest.mark.parametrize("name", list(BASE_FACTORIES))
@@ -331,13 +347,16 @@ def test_zero_update_starts_at_the_base(name):
     head = BASE_FACTORIES[name](H, SHAPES)
     assert head.zero_update_()
     bases = [torch.randn(torch.Size(s).numel()) for s in SHAPES]
-    scale, gain = torch.rand(len(SHAPES)) + 0.5, torch.rand(len(SHAPES)) + 0.5
+    spread, gain = torch.rand(len(SHAPES)) + 0.5, torch.rand(len(SHAPES)) + 0.5
     z = torch.randn(3, H)
-    out = head.assemble(z, bases, scale, gain)
+    out = head.assemble(z, bases, spread, gain)
     for value, base in zip(out, bases):
         assert value.shape == (3, base.numel())
         torch.testing.assert_close(value, base.expand_as(value), rtol=0, atol=0)
-    if name != "none":
+    if head.needs_base:  # the scalar offsets of base="none" are refused
+        with pytest.raises(ValueError, match=f"{type(head).__name__} needs a base: build"):
+            head.assemble(z, [torch.tensor(0.0)] * len(SHAPES), spread, gain)
+    if name != "no_update":
         sum(v.square().sum() for v in out).backward()
         assert any(p.grad.abs().sum() > 0 for p in head.parameters())
 
@@ -348,21 +367,19 @@ def test_film_modulates_rows_and_shifts_vectors():
     with torch.no_grad():
         head.linear.weight.normal_()
     bases = [torch.randn(torch.Size(s).numel()) for s in SHAPES]
-    scale, gain = torch.rand(len(SHAPES)) + 0.5, torch.rand(len(SHAPES)) + 0.5
+    spread, gain = torch.rand(len(SHAPES)) + 0.5, torch.rand(len(SHAPES)) + 0.5
     z = torch.randn(H)
     g = head.linear(z).split(head.widths)
-    out = head.assemble(z, bases, scale, gain)
+    out = head.assemble(z, bases, spread, gain)
     # (6, 5): each row of the base scaled by 1 + gain * g.
     torch.testing.assert_close(
         out[0].view(6, 5), bases[0].view(6, 5) * (1 + gain[0] * g[0])[:, None]
     )
-    # (6,): shifted value by value, in units of its scale.
-    torch.testing.assert_close(out[1], bases[1] + scale[1] * gain[1] * g[1])
-    batched = head.assemble(z.expand(2, H), bases, scale, gain)
+    # (6,): shifted value by value, in units of its spread.
+    torch.testing.assert_close(out[1], bases[1] + spread[1] * gain[1] * g[1])
+    batched = head.assemble(z.expand(2, H), bases, spread, gain)
     for a, b in zip(out, batched):
         torch.testing.assert_close(b[1], a)
-    with pytest.raises(ValueError, match="FiLMHead modulates a base"):
-        head.assemble(z, [torch.tensor(0.0)] * len(SHAPES), scale, gain)
 
 
 def test_any_module_from_a_factory_is_wrapped_and_starts_at_the_base():
@@ -384,7 +401,7 @@ def test_any_module_from_a_factory_is_wrapped_and_starts_at_the_base():
 
 
 # Every named head but the two that never move a zero base: FiLM (row scales) and no update.
-ADDITIVE = [h for h in HEADS if not HEADS[h].scales_base and h != "none"]
+ADDITIVE = [h for h in HEADS if not HEADS[h].scales_base and h != "no_update"]
 
 
 @pytest.mark.parametrize("base", ["frozen", "learned"])
@@ -439,26 +456,26 @@ def test_hybrid_head_parts_agree_with_their_reference():
         for p in head.parameters():
             p.add_(torch.randn_like(p))
     bases = [torch.randn(torch.Size(s).numel()) for s in SHAPES]
-    scale, gain = torch.rand(len(SHAPES)) + 0.5, torch.rand(len(SHAPES)) + 0.5
+    spread, gain = torch.rand(len(SHAPES)) + 0.5, torch.rand(len(SHAPES)) + 0.5
     z = torch.randn(H)
-    out = head.assemble(z, bases, scale, gain)
-    dense = head.dense.assemble(z, [bases[1], bases[2]], scale[[1, 2]], gain[[1, 2]])
+    out = head.assemble(z, bases, spread, gain)
+    dense = head.dense.assemble(z, [bases[1], bases[2]], spread[[1, 2]], gain[[1, 2]])
     torch.testing.assert_close(out[1], dense[0])
     torch.testing.assert_close(out[2], dense[1])
     scaled = head.scaled
     r = scaled.rank
     c = scaled.coefficients(z).view(3, r)
-    lefts = scaled.left.split([m * r for m, _ in scaled.matrices])
-    rights = scaled.right.split([n * r for _, n in scaled.matrices])
-    f = scaled.factors(z).split([6, 3])  # the row scales of the two matrices (not the vector)
-    for k, (i, (rows, cols)) in enumerate(zip(head.scaled_index, scaled.matrices)):
+    lefts = scaled.left.split([m * r for m, _ in scaled.matrix_shapes])
+    rights = scaled.right.split([n * r for _, n in scaled.matrix_shapes])
+    f = scaled.scales(z).split([6, 3])  # the row scales of the two matrices (not the vector)
+    for k, (i, (rows, cols)) in enumerate(zip(head.scaled_index, scaled.matrix_shapes)):
         lowrank = lefts[k].view(rows, r) @ torch.diag(c[k]) @ rights[k].view(cols, r).T
-        lowrank = lowrank * scale[i] * gain[i] / r**0.5
+        lowrank = lowrank * spread[i] * gain[i] / r**0.5
         rowscale = 1 + gain[i] * f[k] if cols > 1 else torch.ones(rows)
         expected = bases[i].view(rows, cols) * rowscale[:, None] + lowrank
         torch.testing.assert_close(out[i], expected.flatten())
-    batched = head.assemble(torch.stack([z, -z]), bases, scale, gain)
-    flipped = head.assemble(-z, bases, scale, gain)
+    batched = head.assemble(torch.stack([z, -z]), bases, spread, gain)
+    flipped = head.assemble(-z, bases, spread, gain)
     for a, b, v in zip(out, flipped, batched):
         torch.testing.assert_close(v[0], a)
         torch.testing.assert_close(v[1], b)
@@ -512,8 +529,8 @@ def test_hybrid_through_the_hypernetwork(base):
 
 
 def test_scale_rows_gradients():
-    """Row scaling's own backward (a row-wise dot product for the factors) against autograd's
-    finite differences, for one factor per row and a batch of them."""
+    """Row scaling's own backward (a row-wise dot product for the scales) against autograd's
+    finite differences, for one scale per row and a batch of them."""
     from torchhyper.heads.head import _scale_rows
 
     base = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)

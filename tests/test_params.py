@@ -52,7 +52,7 @@ def test_bind_any_method_with_gradients():
     with bind(flow, hyper(torch.randn(10, 3))):
         samples = flow.sample(5)
     samples.sum().backward()
-    assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in hyper.bases)
+    assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in hyper.base)
 
 
 def test_bind_restores_when_body_raises():

@@ -46,21 +46,25 @@ def test_attention_pool_is_trained_and_registered():
 
 
 def test_attention_pool_batched_sets():
-    pool = AttentionPool(8, heads=2)
+    pool = AttentionPool(8, num_heads=2)
     sets = torch.randn(4, 5, 8)
     torch.testing.assert_close(pool(sets), torch.stack([pool(s) for s in sets]))
 
 
 def test_attention_pool_errors():
+    with pytest.raises(ValueError, match="num_heads must divide in_features=6, got 4"):
+        AttentionPool(6, num_heads=4)
+    with pytest.raises(ValueError, match="num_heads must be a positive int, got 0"):
+        AttentionPool(6, num_heads=0)
     with pytest.raises(
-        ValueError, match="heads must be a positive int that divides in_features=6, got 4"
+        TypeError, match=r"AttentionPool\(\) takes num_heads= in place of heads=: pass num_heads=2"
     ):
-        AttentionPool(6, heads=4)
+        AttentionPool(6, heads=2)
     with pytest.raises(ValueError, match="in_features must be a positive int, got 0"):
         AttentionPool(0)
     with pytest.raises(ValueError, match=r"encodings \(\*, B, H\) with H == 8, got \(5, 4\)"):
         AttentionPool(8)(torch.randn(5, 4))
-    assert AttentionPool(6).heads == 2
+    assert AttentionPool(6).num_heads == 2
 
 
 def test_pool_argument_errors():

@@ -223,13 +223,13 @@ def test_a_failed_load_writes_nothing_even_when_only_the_last_key_is_wrong():
     last = list(state)[-1]
     state[last] = torch.zeros(5)  # torch alone writes every key before this one, then raises
     state["gain"] = "not a tensor"
-    del state["scale"]
+    del state["spread"]
     state["extra.weight"] = torch.zeros(1)
     before = snapshot(target)
     with pytest.raises(RuntimeError) as error:
         target.load_state_dict(state)
     message = str(error.value)
-    assert "missing keys: ['scale']" in message and "unexpected keys: ['extra.weight']" in message
+    assert "missing keys: ['spread']" in message and "unexpected keys: ['extra.weight']" in message
     assert f"size mismatch for {last}: saved (5,), this hypernetwork has (4, 3)" in message
     assert "gain: expected a tensor, got str" in message
     assert same(before, target)
@@ -265,7 +265,7 @@ def test_old_state_dict_without_the_record_loads_with_a_warning_and_strict_false
         warnings.simplefilter("error")
         other.load_state_dict(encoder, strict=False)
     assert torch.equal(other.encoder[0].weight, source.encoder[0].weight)
-    with pytest.raises(RuntimeError, match=r"size mismatch for bases.0: saved \(3, 4\)"):
+    with pytest.raises(RuntimeError, match=r"size mismatch for base.0: saved \(3, 4\)"):
         other.load_state_dict(source.state_dict(), strict=False)  # shapes are still checked
 
 

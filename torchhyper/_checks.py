@@ -2,13 +2,17 @@ r"""Argument checks shared by the public constructors: one wording for every mes
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
 
 __all__: list[str] = []
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def _is_int(value: Any) -> bool:
@@ -29,6 +33,32 @@ def positive_ints(name: str, values: Any, *, empty: bool = False) -> list[int]:
         what = "a list" if empty else "a non-empty list"
         raise ValueError(f"{name} must be {what} of positive ints, got {values!r}")
     return sizes
+
+
+def renamed(**new_names: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Refuses keywords renamed since the last release: ``@renamed(heads="num_heads")`` on a
+    function (or ``__init__``) makes ``heads=`` a ``TypeError`` that names ``num_heads``. The
+    signature is the function's own (``functools.wraps``)."""
+
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        owner = function.__qualname__.removesuffix(".__init__")
+
+        @functools.wraps(function)
+        def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+            old = [k for k in kwargs if k in new_names]
+            if old:
+                raise TypeError(
+                    "; ".join(
+                        f"{owner}() takes {new_names[k]}= in place of {k}=: pass "
+                        f"{new_names[k]}={kwargs[k]!r}"
+                        for k in old
+                    )
+                )
+            return function(*args, **kwargs)
+
+        return checked
+
+    return decorate
 
 
 def module(name: str, value: Any) -> nn.Module:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchhyper._record import _few
+from torchhyper._record import _capped, _few
 
 __all__: list[str] = []
 
@@ -65,7 +65,7 @@ class _Watch:
             elif p.dtype != dtype:
                 changed.append(f"{name}: dtype {dtype} -> {p.dtype}")
         if changed:
-            lines.append(", ".join(changed[:8]) + (" ..." if len(changed) > 8 else ""))
+            lines.append(", ".join(_capped(changed, "changed")))
         return lines
 
     def elsewhere(self, device: torch.device) -> list[str]:

@@ -1,6 +1,6 @@
 r"""The part every hypernetwork shares: from an embedding to a dict of downstream parameters.
 
-:class:`_Generator` holds what is known of the downstream (names, shapes, scales), the base, the
+:class:`_Generator` holds what is known of the downstream (names, shapes, spreads), the base, the
 head and the assembly. :class:`~torchhyper.HyperNetwork` (conditioned on a set or on each
 example) and :class:`~torchhyper.EmbeddingHyperNetwork` (conditioned on integer ids) differ only
 in how they produce the embedding ``z`` of shape ``(*, H)`` that :meth:`_Generator.generate`
@@ -10,26 +10,22 @@ maps to parameters of shape ``(*, *shape)``.
 from __future__ import annotations
 
 import copy
-import functools
 import warnings
 import weakref
 from collections.abc import Sequence
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
-from torchhyper._checks import module
 from torchhyper._drift import _check, _Watch
-from torchhyper._record import _SHOWN, _few, _Recorded
-from torchhyper._spec import _describe, _lazy_names, _select
+from torchhyper._init_stats import _describe
+from torchhyper._record import _few, _Recorded
+from torchhyper._spec import _Generated
 from torchhyper.heads.build import _make_head
 from torchhyper.heads.head import Head, HeadFactory, _has_zero_row
 
 __all__: list[str] = []
-
-BASES = ("learned", "frozen", "none")
-"""The choices of ``base=``: see :class:`~torchhyper.HyperNetwork`."""
 
 # The running mean of the embeddings averages about the last 1 / _CENTER_RATE training calls
 # (every call so far, while there are fewer).
@@ -39,39 +35,18 @@ _CENTER_RATE = 0.01
 class _Generator(_Recorded):
     r"""Base class: ``generate(z)`` maps embeddings ``(*, H)`` to downstream parameters.
 
-    Subclasses check their arguments and the downstream (:func:`_check_downstream`) before they
-    build anything, then build their embedding modules, then call :meth:`_build`.
-
-    Dtypes. Each tensor is generated in the dtype its downstream tensor had at construction
-    (``float16``, ``bfloat16``, ``float32`` or ``float64``), so that ``functional_call`` gets
-    what the downstream computes in. The hypernetwork computes in the wider of that dtype and
-    PyTorch's default: ``float32`` for a ``float16`` or ``bfloat16`` downstream (its weights, base
-    and optimizer stay in full precision; the result is cast), ``float64`` for a ``float64``
-    downstream (the hypernetwork is then built in ``float64``: its base holds the downstream's
-    values exactly, and it reads ``float64`` inputs). Convert the downstream *before* building
-    the hypernetwork. Complex, integer and meta-device parameters, and TorchScript modules, are
-    refused at construction.
-
-    State dict. ``state_dict()`` records what is generated, the names and shapes, under
-    ``_extra_state``. ``load_state_dict`` checks it, and every key and shape, before it writes
-    anything: a state dict saved for another downstream (weights for a ``(3, 4)`` tensor loaded
-    into a hypernetwork that generates ``(4, 3)``), or with other keys or shapes, raises a
-    ``RuntimeError`` that lists every difference and leaves the hypernetwork as it was. With
-    ``strict=False`` the record is not compared (load the matching parts, e.g. the encoder, of
-    a hypernetwork built for another downstream); shapes still are. A state dict without the
-    record (saved by an older torchhyper) loads after the checks of keys and shapes, with a
-    warning.
+    A subclass checks its arguments and reads what it generates
+    (:func:`~torchhyper._spec._what_to_generate`) before it builds anything, then builds its
+    embedding modules, then calls :meth:`_build` once. The rules of dtypes and of the state
+    dict are :class:`~torchhyper.HyperNetwork`'s.
     """
 
-    names: list[str]
-    shapes: list[torch.Size]
-    dtypes: list[torch.dtype]
-    numels: list[int]
-    numel: int
-    init: str
-    base: str
+    # The base: one tensor per generated tensor, trained ("learned") or fixed ("frozen");
+    # None with base="none" (as nn.Linear's bias is None without one).
+    base: nn.ParameterList | None
+    _base_choice: str  # "learned", "frozen" or "none"
     # Buffers (the last two with a base only).
-    scale: Tensor
+    spread: Tensor
     offset: Tensor
     center: Tensor
     center_calls: Tensor
@@ -83,60 +58,51 @@ class _Generator(_Recorded):
     def _build(
         self,
         downstream: nn.Module,
-        names: list[str],
+        generated: _Generated,
         in_features: int,
         *,
         head: Union[str, HeadFactory],
-        base: Literal["learned", "frozen", "none"],
+        base: str,
+        norm: nn.Module | None = None,
     ) -> None:
-        """Describes the downstream's tensors ``names`` (what :func:`_check_downstream`
-        returned) and builds the norm, base, head and gains."""
+        """Builds the norm (a LayerNorm over the ``in_features`` of the embedding unless
+        ``norm`` is given), base, head and gains for ``generated`` (what
+        :func:`~torchhyper._spec._what_to_generate` returned for ``downstream``)."""
         params = dict(downstream.named_parameters())
-
-        self.base = base
-        self.init = "default" if base == "none" else "downstream"
-        self.names = names
-        self.shapes = [params[n].shape for n in names]
-        self.numels = [params[n].numel() for n in names]
-        self.numel = sum(self.numels)
-        self.dtypes = [params[n].dtype for n in names]
-        # The dtype the hypernetwork computes in (see the class docstring).
-        default = torch.get_default_dtype()
-        dtype = functools.reduce(torch.promote_types, self.dtypes, default)
-
+        self.generated = generated
+        self._base_choice = base
+        dtype = generated.compute_dtype
         # What the downstream holds now, checked at every call (torchhyper._drift).
-        self._watch = _Watch(downstream, names, self.shapes, self.dtypes)
+        self._watch = _Watch(downstream, generated.names, generated.shapes, generated.dtypes)
         # Gives the head an embedding of zero mean and unit variance, whatever the input scale.
-        self.norm = nn.LayerNorm(in_features, elementwise_affine=False)
-
+        self.norm = nn.LayerNorm(in_features, elementwise_affine=False) if norm is None else norm
+        names = generated.names
         if base == "none":
-            self.head = _make_head(head, in_features, self.shapes, bases=None)
-            # Full generation: offset + scale * gain * h, at the statistics of the default init.
+            self.head = _make_head(head, in_features, generated.shapes, bases=None)
+            # Full generation: offset + spread * gain * h, at the statistics of the default init.
             specs = _describe(downstream, names)
             gain = [0.0 if s.constant else 1.0 for s in specs]
             self.gain = nn.Parameter(torch.tensor(gain))
-            self.register_buffer("scale", torch.tensor([s.scale for s in specs]))
+            self.register_buffer("spread", torch.tensor([s.spread for s in specs]))
             self.register_buffer("offset", torch.tensor([s.offset for s in specs]))
-            self.bases = None
-            if dtype != default:
-                self.to(dtype)
-            return
-        # A base in weight units, at the downstream's current values: Adam on it moves every
-        # weight as training the downstream directly would. The head adds a conditioned update,
-        # zero at init, on the centered embedding.
-        values = [params[n].detach().to("cpu", dtype, copy=True) for n in names]
-        self.head = _make_head(head, in_features, self.shapes, bases=values)
-        self.bases = nn.ParameterList(
-            [nn.Parameter(v, requires_grad=base == "learned") for v in values]
-        )
-        if self.head.scales_base:
-            _warn_unmoved(self.head, names, values, frozen=base == "frozen")
-        starts_at_zero = self.head.zero_update_()
-        self.gain = nn.Parameter(torch.full((len(names),), 1.0 if starts_at_zero else 0.0))
-        self.register_buffer("scale", torch.tensor([_spread(v) for v in values]))
-        self.register_buffer("center", torch.zeros(in_features))
-        self.register_buffer("center_calls", torch.zeros((), dtype=torch.long))
-        if dtype != default:
+            self.base = None
+        else:
+            # A base in weight units, at the downstream's current values: Adam on it moves
+            # every weight as training the downstream directly would. The head adds a
+            # conditioned update, zero at init, on the centered embedding.
+            values = [params[n].detach().to("cpu", dtype, copy=True) for n in names]
+            self.head = _make_head(head, in_features, generated.shapes, bases=values)
+            self.base = nn.ParameterList(
+                [nn.Parameter(v, requires_grad=base == "learned") for v in values]
+            )
+            if self.head.scales_base:
+                _warn_unmoved(self.head, names, values, frozen=base == "frozen")
+            starts_at_zero = self.head.zero_update_()
+            self.gain = nn.Parameter(torch.full((len(names),), 1.0 if starts_at_zero else 0.0))
+            self.register_buffer("spread", torch.tensor([_spread(v) for v in values]))
+            self.register_buffer("center", torch.zeros(in_features))
+            self.register_buffer("center_calls", torch.zeros((), dtype=torch.long))
+        if dtype != torch.get_default_dtype():
             self.to(dtype)  # the modules built so far, in the default dtype
 
     def generate(self, z: Tensor) -> dict[str, Tensor]:
@@ -153,14 +119,15 @@ class _Generator(_Recorded):
             _check(self._watch, self.gain.device)
         z = self.norm(z)
         batch = z.shape[:-1]
-        if self.bases is None:
-            values = self.head.assemble(z, self.offset.unbind(), self.scale, self.gain)
+        if self.base is None:
+            values = self.head.assemble(z, self.offset.unbind(), self.spread, self.gain)
         else:
-            bases = [b.view(-1) for b in self.bases]
-            values = self.head.assemble(self._centered(z), bases, self.scale, self.gain)
+            bases = [b.view(-1) for b in self.base]
+            values = self.head.assemble(self._centered(z), bases, self.spread, self.gain)
+        g = self.generated
         return {
             name: v.view(batch + shape).to(dtype)
-            for name, v, shape, dtype in zip(self.names, values, self.shapes, self.dtypes)
+            for name, v, shape, dtype in zip(g.names, values, g.shapes, g.dtypes)
         }
 
     def _centered(self, z: Tensor) -> Tensor:
@@ -211,7 +178,7 @@ class _Generator(_Recorded):
             ValueError: ``base="none"`` (no base to set), the downstream is gone, or its names,
                 shapes or dtypes differ from construction's (nothing is written).
         """
-        if self.bases is None:
+        if self.base is None:
             raise ValueError(
                 "rebase_ needs a base, but this hypernetwork has base='none' (it generates "
                 "every value and copies none); build it with base='learned' or 'frozen'"
@@ -234,8 +201,18 @@ class _Generator(_Recorded):
             )
         params = dict(module.named_parameters())
         with torch.no_grad():
-            for name, base in zip(self.names, self.bases):
+            for name, base in zip(self.names, self.base):
                 base.copy_(params[name].detach())
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # torchhyper 0.3 named the base "bases" and the spreads "scale": take its state dicts
+        # (``state_dict`` is load_state_dict's own copy).
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            name = key[len(prefix) :]
+            if name == "scale" or name.startswith("bases."):
+                new = "spread" if name == "scale" else "base." + name[len("bases.") :]
+                state_dict.setdefault(prefix + new, state_dict.pop(key))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _load_problems(
         self, state_dict: dict[str, Any], prefix: str, strict: bool | None
@@ -248,82 +225,11 @@ class _Generator(_Recorded):
         own = sum(p.numel() for p in self.parameters() if p.requires_grad)
         reason = f" ({self.head.reason})" if self.head.reason else ""
         return (
-            f"generated={len(self.names)} tensors ({self.numel} values), base={self.base!r}, "
+            f"generated={len(self.names)} tensors ({self.numel} values), "
+            f"base={self._base_choice!r}, "
             f"head={type(self.head).__name__}{reason}, "
             f"trained={own} ({own / self.numel:.3g}x generated)"
         )
-
-
-def _check_downstream(
-    downstream: nn.Module,
-    *,
-    include: str | list[str] | None,
-    exclude: str | list[str] | None,
-    init: Literal["default", "downstream"] | None,
-    base: Literal["learned", "frozen", "none"],
-) -> list[str]:
-    """Checks ``downstream`` and the options that say what is generated from it; returns the
-    names to generate. Changes nothing and draws no random numbers, so that a constructor can
-    call it before it builds anything, and hand the names to :meth:`_Generator._build`."""
-    module("downstream", downstream)
-    if isinstance(downstream, torch.jit.ScriptModule):
-        raise TypeError(
-            f"downstream is a TorchScript module ({type(downstream).__name__}): "
-            "torch.func.functional_call cannot replace its parameters, so nothing generated "
-            "could be applied to it; pass the nn.Module itself, before torch.jit.script or "
-            "torch.jit.trace"
-        )
-    if base not in BASES:
-        raise ValueError(f"base must be one of {list(BASES)}, got {base!r}")
-    if init not in (None, "default", "downstream"):
-        raise ValueError(f"init must be 'default' or 'downstream', got {init!r}")
-    if base == "none" and init == "downstream":
-        raise ValueError(
-            "init='downstream' needs a base: use base='frozen' (or 'learned') to start at "
-            "the downstream's current values"
-        )
-    if base != "none" and init == "default":
-        raise ValueError(
-            f"init='default' draws every tensor from PyTorch's default init and needs "
-            f"base='none'; base={base!r} starts at the downstream's current values"
-        )
-    lazy = _lazy_names(downstream)
-    if lazy:
-        raise ValueError(
-            f"the downstream has uninitialized lazy parameters {lazy}: run one forward "
-            "pass of the downstream on an example input before building the hypernetwork"
-        )
-    params = dict(downstream.named_parameters())
-    if not params:
-        raise ValueError(
-            f"the downstream {type(downstream).__name__} has no parameters to generate"
-        )
-    on_meta = [n for n, p in params.items() if p.is_meta]
-    if on_meta:
-        raise ValueError(
-            f"downstream parameters {_few(on_meta)} are on the meta device (they hold no "
-            "values), but the hypernetwork starts from the downstream's values (its base, or "
-            "with base='none' their statistics): materialize the downstream first, e.g. "
-            "downstream.to_empty(device='cpu'), then initialize it or load its weights"
-        )
-    names = _select(list(params), include, exclude)
-    not_real = [n for n in names if not params[n].is_floating_point()]
-    if not_real:
-        shown = ", ".join(f"{n} ({params[n].dtype})" for n in not_real[:_SHOWN])
-        complex_ = any(params[n].is_complex() for n in not_real)
-        raise TypeError(
-            f"downstream parameters to generate must be real floating point, got {shown}"
-            + (" ..." if len(not_real) > _SHOWN else "")
-            + (
-                ": a complex tensor would be generated as real, losing its imaginary part. "
-                "Hold it as a real parameter of shape (*, 2) (torch.view_as_real) and rebuild "
-                "it in forward (torch.view_as_complex), or"
-                if complex_
-                else ":"
-            )
-            + f" leave them to the module with exclude={not_real[:_SHOWN]!r}"
-        )
-    return names
 
 
 def _can_read(t: Tensor) -> bool:
@@ -360,7 +266,7 @@ def _mlp(in_features: int, sizes: Sequence[int], activation: type[nn.Module]) ->
 
 
 def _spread(value: Tensor) -> float:
-    """The scale of an update to ``value``: the root mean square of its values (1 for zeros).
+    """The spread of an update to ``value``: the root mean square of its values (1 for zeros).
 
     The RMS rather than the std: a tensor of two values (a mixture's means) has a spread that
     says little of the range its values take, and a constant (a norm's scale of 1) is updated

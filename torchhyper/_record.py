@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
+
+if TYPE_CHECKING:
+    from torchhyper._spec import _Generated
 
 __all__: list[str] = []
 
@@ -28,9 +31,23 @@ class _Recorded(nn.Module):
     """A module that generates the tensors ``names`` of shapes ``shapes``, and says so in its
     state dict."""
 
-    names: list[str]
-    shapes: list[torch.Size]
+    generated: _Generated  # what is generated, set once at construction
     _strict_load: bool | None = None  # the strict= of a load_state_dict call in progress
+
+    @property
+    def names(self) -> list[str]:
+        """The generated tensors' names, in ``downstream.named_parameters()`` order."""
+        return self.generated.names
+
+    @property
+    def shapes(self) -> list[torch.Size]:
+        """The generated tensors' shapes."""
+        return self.generated.shapes
+
+    @property
+    def numel(self) -> int:
+        """How many values are generated (per parameter set)."""
+        return self.generated.numel
 
     def get_extra_state(self) -> Tensor:
         """What the hypernetwork generates, for its state dict: ``{"generates": {name: shape}}``
@@ -48,8 +65,8 @@ class _Recorded(nn.Module):
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> _IncompatibleKeys:
-        """As :meth:`torch.nn.Module.load_state_dict`, checked before anything is written: see
-        the class docstring."""
+        """As :meth:`torch.nn.Module.load_state_dict`, checked before anything is written (the
+        rule is :class:`~torchhyper.HyperNetwork`'s)."""
         # torch passes strict=True to every _load_from_state_dict and filters at the end; the
         # checks need the caller's (None when a parent module's load_state_dict runs them).
         self._strict_load = strict
@@ -119,12 +136,7 @@ class _Recorded(nn.Module):
         expected = self.state_dict(prefix=prefix, keep_vars=True)
         given = [k for k in state_dict if k.startswith(prefix)]
         if strict is True:
-            missing = [k for k in expected if k not in state_dict]
-            unexpected = [k for k in given if k not in expected]
-            if missing:
-                problems.append(f"missing keys: {_few(missing)}")
-            if unexpected:
-                problems.append(f"unexpected keys: {_few(unexpected)}")
+            problems += _only_in(expected, "missing keys", given, "unexpected keys")
         wrong = []
         for k, own in expected.items():
             if not isinstance(own, Tensor) or k not in state_dict or k == prefix + _EXTRA_STATE:
@@ -139,10 +151,7 @@ class _Recorded(nn.Module):
                 )
             elif value.is_meta and not own.is_meta:
                 wrong.append(f"{k}: saved on the meta device (no values to load)")
-        problems += wrong[:_SHOWN]
-        if len(wrong) > _SHOWN:
-            problems.append(f"... and {len(wrong) - _SHOWN} more keys of wrong shape or value")
-        return problems
+        return problems + _capped(wrong, "keys of wrong shape or value")
 
 
 def _read_record(saved: Any) -> dict[str, list[int]] | None:
@@ -168,21 +177,18 @@ def _record_differences(saved: Any, names: list[str], shapes: list[torch.Size]) 
             f"tensor of JSON, {{'generates': {{name: shape}}}}), got a {shown}"
         ]
     own = {n: list(s) for n, s in zip(names, shapes)}
-    lines = []
-    only_saved = [n for n in generates if n not in own]
-    only_here = [n for n in own if n not in generates]
-    if only_saved:
-        lines.append(f"generated only by the saved hypernetwork: {_few(only_saved)}")
-    if only_here:
-        lines.append(f"generated only by this hypernetwork: {_few(only_here)}")
+    lines = _only_in(
+        generates,
+        "generated only by the saved hypernetwork",
+        own,
+        "generated only by this hypernetwork",
+    )
     shapes_differ = [
         f"{n}: saved for {tuple(generates[n])}, this hypernetwork generates {tuple(own[n])}"
         for n in own
         if n in generates and list(generates[n]) != own[n]
     ]
-    lines += shapes_differ[:_SHOWN]
-    if len(shapes_differ) > _SHOWN:
-        lines.append(f"... and {len(shapes_differ) - _SHOWN} more generated shapes differ")
+    lines += _capped(shapes_differ, "generated shapes differ")
     if not lines and list(generates) != list(own):
         lines.append(
             f"generated in another order: saved {_few(list(generates))}, this hypernetwork "
@@ -191,6 +197,26 @@ def _record_differences(saved: Any, names: list[str], shapes: list[torch.Size]) 
     if lines:
         lines.insert(0, "the state dict was saved by a hypernetwork of another downstream:")
     return lines
+
+
+def _only_in(
+    first: Collection[str], first_only: str, second: Collection[str], second_only: str
+) -> list[str]:
+    """Lines for a message: the names of ``first`` not in ``second``, led by ``first_only``,
+    then those of ``second`` not in ``first``, led by ``second_only``; none for a side with
+    none."""
+    firsts, seconds = set(first), set(second)
+    ones = [n for n in first if n not in seconds]
+    others = [n for n in second if n not in firsts]
+    sides = ((first_only, ones), (second_only, others))
+    return [f"{label}: {_few(found)}" for label, found in sides if found]
+
+
+def _capped(lines: list[str], more: str) -> list[str]:
+    """The first few ``lines`` of a message, then how many ``more`` were left out."""
+    if len(lines) <= _SHOWN:
+        return lines
+    return [*lines[:_SHOWN], f"... and {len(lines) - _SHOWN} more {more}"]
 
 
 def _few(names: list[str]) -> str:

@@ -19,7 +19,7 @@ __all__ = ["vmap_compatible"]
 def vmap_compatible() -> Iterator[None]:
     r"""Within the block, common modules run under ``torch.func.vmap`` with gradients.
 
-    Two things keep stock modules from running under ``vmap``; both are fixed here by global,
+    Three things keep stock modules from running under ``vmap``; each is fixed here by global,
     value-preserving switches, undone on exit even when the body raises (blocks that overlap,
     in threads, share them: the last one out restores what the first one in found):
 

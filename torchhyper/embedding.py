@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from torchhyper._checks import activation as _activation
 from torchhyper._checks import positive_int, positive_ints
-from torchhyper._generator import _check_downstream, _Generator, _mlp
+from torchhyper._generator import _Generator, _mlp
+from torchhyper._spec import _what_to_generate
 from torchhyper.heads import HeadFactory
 
 __all__ = ["EmbeddingHyperNetwork", "output_regularizer"]
@@ -34,15 +35,10 @@ class EmbeddingHyperNetwork(_Generator):
     shares and the update what sets one id apart, as in multi-task training. With ids learned
     one after another (continual learning), keep the earlier ids' outputs with
     :func:`output_regularizer`, which covers the base as well. ``base="none"`` generates every
-    tensor from the id alone, as in von Oswald et al. 2020; ``examples/continual.py`` and
-    ``benchmarks/quality.py`` compare the two.
+    tensor from the id alone, as in von Oswald et al. 2020.
 
-    As for :class:`~torchhyper.HyperNetwork`: each tensor is generated in its downstream
-    tensor's dtype (the hypernetwork computes in ``float32`` for a ``float16`` or ``bfloat16``
-    downstream, in ``float64`` for a ``float64`` one); complex, integer and meta-device
-    parameters and TorchScript modules are refused at construction, before anything is built;
-    the state dict records the names and shapes it generates, and ``load_state_dict`` checks
-    them, and every key and shape, before it writes anything.
+    Dtypes, the state dict and the checks at each call follow
+    :class:`~torchhyper.HyperNetwork`.
 
     Args:
         num_embeddings: How many ids: valid ids are ``0 .. num_embeddings - 1``.
@@ -55,7 +51,6 @@ class EmbeddingHyperNetwork(_Generator):
             :data:`torchhyper.heads.HEADS`, or a callable ``(in_features, shapes) -> module``.
         base: ``"learned"`` (the default), ``"frozen"`` or ``"none"``, as for
             :class:`~torchhyper.HyperNetwork`.
-        init: Follows ``base``, as for :class:`~torchhyper.HyperNetwork`.
         activation: The MLP's activation: an ``nn.Module`` class such as ``nn.ReLU`` (not an
             instance or a name), or a factory that builds one with no arguments.
 
@@ -83,7 +78,6 @@ class EmbeddingHyperNetwork(_Generator):
         exclude: str | list[str] | None = None,
         head: Union[str, HeadFactory] = "auto",
         base: Literal["learned", "frozen", "none"] = "learned",
-        init: Literal["default", "downstream"] | None = None,
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
@@ -92,13 +86,11 @@ class EmbeddingHyperNetwork(_Generator):
         self.embedding_dim = positive_int("embedding_dim", embedding_dim)
         self.hidden_sizes = sizes = positive_ints("hidden_sizes", hidden_sizes, empty=True)
         _activation("activation", activation)
-        names = _check_downstream(
-            downstream, include=include, exclude=exclude, init=init, base=base
-        )
+        generated = _what_to_generate(downstream, include=include, exclude=exclude, base=base)
         self.embedding = nn.Embedding(num_embeddings, embedding_dim)
         self.encoder = _mlp(embedding_dim, sizes, activation)
         width = sizes[-1] if sizes else embedding_dim
-        self._build(downstream, names, width, head=head, base=base)
+        self._build(downstream, generated, width, head=head, base=base)
 
     def forward(self, ids: int | Tensor) -> dict[str, Tensor]:
         r"""Generates the parameters for ``ids``.

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from torchhyper._checks import activation as _activation
 from torchhyper._checks import module, output_shape, positive_int, positive_ints
-from torchhyper._generator import _check_downstream, _Generator, _mlp
+from torchhyper._generator import _Generator, _mlp
+from torchhyper._spec import _what_to_generate
 from torchhyper.heads import HeadFactory
 from torchhyper.pooling import Pool, _make_pool
 
@@ -59,30 +60,30 @@ class HyperNetwork(_Generator):
     every value from the embedding (full generation, below).
 
     Learning dynamics. Under Adam, a base moves each weight by about ``lr`` per step, exactly as
-    training the downstream directly does. The update reads ``z - center``, where ``center``
-    is a running mean of the (normalized) embeddings over training calls, so it carries only what
+    training the downstream directly does. The update reads ``z - center``, where ``center`` is a
+    running mean of the (normalized) embeddings over training calls, so it carries only what
     distinguishes one input from the average: the part every input shares is the base's alone,
     learned at direct training's pace, and an uninformative conditioning adds almost nothing.
     ``center`` is a buffer, updated in training mode only, like BatchNorm's running mean. The
     default head (``"auto"``) is a dense map from ``z - center`` to every value while it fits a
-    budget of ``2**20`` parameters; above it, dense maps for the smallest tensors and, for the
-    others, a scale per row plus a low-rank additive term where scaling cannot move a tensor
-    (:class:`~torchhyper.heads.HybridHead`). Its outputs start at exactly zero with full-size
-    gradients, so the conditioned part moves from the first step, and a base of zeros (PEFT's
-    ``lora_B``), frozen or learned, moves too. ``benchmarks/quality.py`` measures it against
-    direct training, the dense head and the original's full generation. To train the base at
-    another rate than the rest, give ``hypernetwork.bases`` its own optimizer parameter group.
+    budget of :data:`~torchhyper.heads.AUTO_BUDGET` parameters; above it, dense maps for the
+    smallest tensors and, for the others, a scale per row plus a low-rank additive term where
+    scaling cannot move a tensor (:class:`~torchhyper.heads.HybridHead`). Its outputs start at
+    exactly zero with full-size gradients, so the conditioned part moves from the first step, and a
+    base of zeros (PEFT's ``lora_B``), frozen or learned, moves too. To train the base at another
+    rate than the rest, give ``hypernetwork.base`` (its tensors; ``None`` with ``base="none"``) its
+    own optimizer parameter group.
 
-    Full generation (``base="none"``). Each generated tensor is ``offset + scale * gain * h``,
-    with ``h`` the head's raw values of unit variance at init. ``offset`` and ``scale`` are the
+    Full generation (``base="none"``). Each generated tensor is ``offset + spread * gain * h``,
+    with ``h`` the head's raw values of unit variance at init. ``offset`` and ``spread`` are the
     mean and std of the tensor under the downstream's own init, measured at construction (see
-    ``torchhyper._spec``), so that generated weights start at the scale that init gives them,
+    ``torchhyper._init_stats``), so that generated weights start at the scale that init gives them,
     layer by layer (the goal of hyperfan init, Chang et al. 2020). The learned per-tensor
     ``gain`` separates each tensor's magnitude from the head, as in the magnitude-invariant
     parametrizations of Ortiz et al. 2023. Tensors set to constants (norm scales, zero
     shifts) start with a ``gain`` of 0, so exactly at their constants. Adam's steps in ``h``
-    then move a weight by about ``scale * lr``: slower than direct training for a bias, faster
-    for a dense head's shared part; measured in ``benchmarks/quality.py``.
+    then move a weight by about ``spread * lr``: slower than direct training for a bias, faster
+    for a dense head's shared part.
 
     Dtypes. Each tensor is generated in its downstream tensor's dtype; the hypernetwork
     computes in float32 for a float16/bfloat16 downstream and in float64 for a float64 one
@@ -127,16 +128,15 @@ class HyperNetwork(_Generator):
             own values, which the hypernetwork does not train (to share and train them, give
             them to your optimizer with ``requires_grad=True``). Default: all.
         exclude: Glob pattern(s) of parameter names not to generate.
-        head: ``"auto"`` (chosen by cost: dense while ``(H + 1) N`` fits ``2**20``
-            parameters, else :class:`~torchhyper.heads.HybridHead`, or with ``base="none"`` a
-            :class:`~torchhyper.heads.LoRAHead`; see :func:`~torchhyper.heads.auto_head`),
-            another name of :data:`torchhyper.heads.HEADS`, or a callable
-            ``(in_features, shapes) -> module``.
+        head: ``"auto"`` (chosen by cost: dense while ``(H + 1) N`` fits
+            :data:`~torchhyper.heads.AUTO_BUDGET` parameters, else
+            :class:`~torchhyper.heads.HybridHead`, or with ``base="none"`` a
+            :class:`~torchhyper.heads.LoRAHead`; see :func:`~torchhyper.heads.auto_head`), another
+            name of :data:`torchhyper.heads.HEADS`, or a callable ``(in_features, shapes) ->
+            module``.
         base: ``"learned"`` (a trained copy of the downstream's values, plus the head's
             update), ``"frozen"`` (a fixed copy, plus the update) or ``"none"`` (the head
             generates every value, at the statistics of the downstream's own init).
-        init: Kept for compatibility, and follows ``base``: ``"downstream"`` with a base,
-            ``"default"`` with ``base="none"``; any other pairing is an error.
         pool: How the per-example encodings ``(B, H)`` become one ``(H,)``: a name of
             :data:`torchhyper.pooling.POOLS` (``"mean"``, the default, ``"sum"``, ``"max"``,
             ``"attention"``), a :class:`~torchhyper.pooling.Pool`, or a callable
@@ -183,7 +183,6 @@ class HyperNetwork(_Generator):
         exclude: str | list[str] | None = None,
         head: Union[str, HeadFactory] = "auto",
         base: Literal["learned", "frozen", "none"] = "learned",
-        init: Literal["default", "downstream"] | None = None,
         pool: Union[str, Pool, Callable[[Tensor], Tensor]] = "mean",
         activation: type[nn.Module] = nn.ReLU,
         encoder: nn.Module | None = None,
@@ -200,9 +199,7 @@ class HyperNetwork(_Generator):
             "hidden_sizes", hidden_sizes, empty=encoder is not None
         )
         _activation("activation", activation)
-        names = _check_downstream(
-            downstream, include=include, exclude=exclude, init=init, base=base
-        )
+        generated = _what_to_generate(downstream, include=include, exclude=exclude, base=base)
         if not isinstance(standardize, bool):
             raise TypeError(f"standardize must be a bool, got {type(standardize).__name__}")
         self.standardize = standardize
@@ -225,9 +222,9 @@ class HyperNetwork(_Generator):
         self.rho = _mlp(width + stats, self.rho_sizes, activation)
         if self.rho_sizes:
             width = self.rho_sizes[-1]
-        self._build(downstream, names, width + stats, head=head, base=base)
-        if standardize:  # the statistics reach the head unnormalized, after rho too
-            self.norm = _PartNorm(width)
+        # The statistics of standardize reach the head unnormalized, after rho too.
+        norm = _PartNorm(width) if standardize else None
+        self._build(downstream, generated, width + stats, head=head, base=base, norm=norm)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         r"""Generates one set of downstream parameters from the set ``x``.

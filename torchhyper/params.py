@@ -66,16 +66,16 @@ def _check(
         )
     reference: dict[str, Tensor] = dict(module.named_parameters())
     reference.update(module.named_buffers())
-    not_tensors = [
-        f"{argument}[{k!r}] is {type(v).__name__}"
-        for k, v in params.items()
-        if not isinstance(v, Tensor)
-    ]
-    if not_tensors:
-        raise TypeError(
-            f"{argument} values must be tensors: {'; '.join(not_tensors)}. Convert them, e.g. "
-            "with torch.as_tensor(value), shaped like the module's own parameter"
-        )
+    _refuse(
+        TypeError,
+        f"{argument} values must be tensors: ",
+        [
+            f"{argument}[{k!r}] is {type(v).__name__}"
+            for k, v in params.items()
+            if not isinstance(v, Tensor)
+        ],
+        ". Convert them, e.g. with torch.as_tensor(value), shaped like the module's own parameter",
+    )
     shapes = [
         f"{k}: expected {tuple(reference[k].shape)}, got {tuple(v.shape)}"
         for k, v in params.items()
@@ -96,39 +96,38 @@ def _check(
             "torchhyper.per_sample_call(module, params, x), or index one set: "
             "{k: v[i] for k, v in params.items()}"
         )
-    if shapes:
-        raise ValueError(f"{argument} has wrong shapes: " + "; ".join(shapes))
+    _refuse(ValueError, f"{argument} has wrong shapes: ", shapes)
     if check_dtype:
-        dtypes = [
-            f"{k}: expected {reference[k].dtype}, got {v.dtype}"
-            for k, v in params.items()
-            if v.dtype != reference[k].dtype
-        ]
-        if dtypes:
-            raise TypeError(f"{argument} has wrong dtypes: " + "; ".join(dtypes))
+        _refuse(
+            TypeError,
+            f"{argument} has wrong dtypes: ",
+            [
+                f"{k}: expected {reference[k].dtype}, got {v.dtype}"
+                for k, v in params.items()
+                if v.dtype != reference[k].dtype
+            ],
+        )
     if check_copy:
         # What copy_ cannot do: read a value with no data, or a sparse one, or write into a
         # parameter with no data (on meta, a copy does nothing at all).
-        bad = [
-            f"{k}: the value is on the meta device (no data to copy)"
-            for k, v in params.items()
-            if v.is_meta and not reference[k].is_meta
-        ]
-        bad += [
-            f"{k}: the value has layout {v.layout}, expected torch.strided"
-            for k, v in params.items()
-            if v.layout != torch.strided
-        ]
-        bad += [
-            f"{k}: the module's parameter is on the meta device (nothing to copy into); "
-            "materialize the module first, e.g. module.to_empty(device='cpu')"
-            for k, v in params.items()
-            if reference[k].is_meta
-        ]
-        if bad:
-            raise ValueError(
-                f"{argument} cannot be copied into {type(module).__name__}: " + "; ".join(bad)
-            )
+        bad = []
+        for k, v in params.items():
+            if reference[k].is_meta:
+                bad.append(
+                    f"{k}: the module's parameter is on the meta device (nothing to copy "
+                    "into); materialize the module first, e.g. module.to_empty(device='cpu')"
+                )
+            elif v.is_meta:
+                bad.append(f"{k}: the value is on the meta device (no data to copy)")
+            if v.layout != torch.strided:
+                bad.append(f"{k}: the value has layout {v.layout}, expected torch.strided")
+        _refuse(ValueError, f"{argument} cannot be copied into {type(module).__name__}: ", bad)
+
+
+def _refuse(error: type[Exception], lead: str, offenders: list[str], tail: str = "") -> None:
+    """Raises ``error`` with every offender, between ``lead`` and ``tail``; nothing if none."""
+    if offenders:
+        raise error(lead + "; ".join(offenders) + tail)
 
 
 @dataclass

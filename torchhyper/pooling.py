@@ -20,7 +20,7 @@ over this process's share of a set only: the two differ only for the pools of
                    mixed by a linear layer; keeps the set's spread
 ``"attention"``    :class:`AttentionPool`: learned queries attend to the set       ``~4 H^2``
                    (Set Transformer PMA); weighs examples instead of averaging
-a :class:`Pool`    used as it is, e.g. ``AttentionPool(H, heads=2)``               yours
+a :class:`Pool`    used as it is, e.g. ``AttentionPool(H, num_heads=2)``           yours
 a callable         any ``(B, H) -> (H,)`` for one set; wrapped once, mapped over   yours
                    sets with :func:`torch.vmap`; an ``nn.Module`` is trained
 =================  ==============================================================  ============
@@ -47,7 +47,7 @@ from typing import Any, TypeVar, Union, cast
 import torch
 from torch import Tensor, nn
 
-from torchhyper._checks import output_shape, positive_int
+from torchhyper._checks import output_shape, positive_int, renamed
 from torchhyper._registry import registrar
 
 __all__ = [
@@ -237,8 +237,8 @@ class AttentionPool(Pool):
 
     Args:
         in_features: The encoding width ``H``.
-        heads: Attention heads; must divide ``in_features``. Default: 4, 2 or 1, the largest
-            that divides it.
+        num_heads: Attention heads, as for :class:`torch.nn.MultiheadAttention`; must divide
+            ``in_features``. Default: 4, 2 or 1, the largest that divides it.
         seeds: The number ``k`` of seed queries.
 
     Example:
@@ -253,21 +253,21 @@ class AttentionPool(Pool):
         | Networks (Lee et al., 2019). https://arxiv.org/abs/1810.00825
     """
 
-    def __init__(self, in_features: int, *, heads: int | None = None, seeds: int = 1) -> None:
+    @renamed(heads="num_heads")
+    def __init__(self, in_features: int, *, num_heads: int | None = None, seeds: int = 1) -> None:
         super().__init__()
         width = positive_int("in_features", in_features)
         self.seeds = positive_int("seeds", seeds)
-        if heads is None:
-            heads = next(h for h in (4, 2, 1) if width % h == 0)
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or width % heads:
-            raise ValueError(
-                f"heads must be a positive int that divides in_features={width}, got {heads!r}"
-            )
+        if num_heads is None:
+            num_heads = next(h for h in (4, 2, 1) if width % h == 0)
+        num_heads = positive_int("num_heads", num_heads)
+        if width % num_heads:
+            raise ValueError(f"num_heads must divide in_features={width}, got {num_heads}")
         self.in_features = width
-        self.heads = heads
+        self.num_heads = num_heads
         self.encode = nn.Sequential(nn.Linear(width, width), nn.ReLU())
         self.seed = nn.Parameter(torch.randn(seeds, width) / width**0.5)
-        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.attention = nn.MultiheadAttention(width, num_heads, batch_first=True)
         self.norm1 = nn.LayerNorm(width)
         self.feedforward = nn.Sequential(nn.Linear(width, width), nn.ReLU())
         self.norm2 = nn.LayerNorm(width)
@@ -288,7 +288,7 @@ class AttentionPool(Pool):
 
     def extra_repr(self) -> str:
         seeds = f", seeds={self.seeds}" if self.seeds > 1 else ""
-        return f"in_features={self.in_features}, heads={self.heads}{seeds}"
+        return f"in_features={self.in_features}, num_heads={self.num_heads}{seeds}"
 
 
 class _SetFunction(Pool):

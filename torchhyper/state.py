@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchhyper._record import _few
+from torchhyper._record import _capped, _only_in
 
 __all__ = ["checkpoint_state", "load_checkpoint_state"]
 
@@ -139,8 +139,6 @@ def _check_downstream_part(module: nn.Module, generated: list[str], saved: Any) 
         )
     skip = set(generated)
     expected = {k: v for k, v in module.state_dict().items() if k not in skip}
-    missing = [k for k in expected if k not in saved]
-    unexpected = [k for k in saved if k not in expected]
     wrong = [
         f"{k}: saved {tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}, "
         f"the downstream has {tuple(expected[k].shape)}"
@@ -149,10 +147,8 @@ def _check_downstream_part(module: nn.Module, generated: list[str], saved: Any) 
         and isinstance(expected[k], Tensor)
         and (not isinstance(v, Tensor) or v.shape != expected[k].shape)
     ]
-    problems = (
-        ([f"missing: {_few(missing)}"] if missing else [])
-        + ([f"unexpected: {_few(unexpected)}"] if unexpected else [])
-        + wrong[:8]
+    problems = _only_in(expected, "missing", saved, "unexpected") + _capped(
+        wrong, "keys of wrong shape"
     )
     if problems:
         raise ValueError(

@@ -22,6 +22,13 @@ def _active(group: Any) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+def _all_reduce(tensor: Tensor, op: Any, group: Any) -> Tensor:
+    """A contiguous copy of ``tensor``, reduced with ``op`` over the ranks of ``group``."""
+    out = tensor.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, op=op, group=group)
+    return out
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sums a tensor over ranks. The backward also sums: the gradient of every rank's loss with
     respect to the global sum reaches every rank's local share. DDP's and FSDP2's averaging of the
@@ -29,9 +36,7 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(tensor: Tensor, group: Any) -> Tensor:
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
+        return _all_reduce(tensor, dist.ReduceOp.SUM, group)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -39,9 +44,7 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+        return _all_reduce(grad, dist.ReduceOp.SUM, ctx.group), None
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], tensor: Tensor, group: Any) -> tuple[Tensor, Any]:
@@ -56,9 +59,7 @@ class _AllReduceMax(torch.autograd.Function):
 
     @staticmethod
     def forward(tensor: Tensor, group: Any) -> Tensor:
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
-        return out
+        return _all_reduce(tensor, dist.ReduceOp.MAX, group)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -69,9 +70,8 @@ class _AllReduceMax(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         local, best = ctx.saved_tensors
         holds = (local == best).to(grad.dtype)
-        packed = torch.stack([grad, holds]).contiguous()
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ctx.group)
-        return packed[0] * holds / packed[1], None
+        summed = _all_reduce(torch.stack([grad, holds]), dist.ReduceOp.SUM, ctx.group)
+        return summed[0] * holds / summed[1], None
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], tensor: Tensor, group: Any) -> tuple[Tensor, Any]:

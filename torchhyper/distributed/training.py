@@ -54,9 +54,9 @@ def _fresh_store(timeout: timedelta | None) -> dict[str, Any]:
 
     torchrun shares its rendezvous store with the workers, and the keys of the previous
     attempt's process group stay in it, so after a restart (``--max-restarts``) the new ranks
-    can read the dead ones' addresses and fail or hang (PyTorch issues #135712, #167288; seen
-    here with gloo on torch 2.13). Each rank counts its own starts in the store; every rank
-    starts once per attempt, so the counts agree and name a fresh prefix.
+    can read the dead ones' addresses and fail or hang (PyTorch issues #135712, #167288). Each
+    rank counts its own starts in the store; every rank starts once per attempt, so the counts
+    agree and name a fresh prefix.
     """
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(  # type: ignore[attr-defined]

@@ -13,18 +13,23 @@ from torch import Tensor, nn
 
 from torchhyper._checks import output_shape
 from torchhyper.heads.dense import DenseHead
-from torchhyper.heads.head import HEADS, Head, HeadFactory, _as_matrix, _ModuleHead, head_names
+from torchhyper.heads.head import (
+    _RENAMED,
+    AUTO_BUDGET,
+    HEADS,
+    Head,
+    HeadFactory,
+    _matrix_shape,
+    _ModuleHead,
+    head_names,
+)
 from torchhyper.heads.hybrid import HybridHead
 from torchhyper.heads.lowrank import LoRAHead
 
 __all__ = ["auto_head", "summary"]
 
 
-# head="auto" lets dense maps hold at most this many parameters: 4 MB in float32, 12 MB with
-# Adam's state.
-_AUTO_BUDGET = 2**20
-# With no base and above the budget, LoRAHead with the largest rank up to _AUTO_MAX_RANK whose
-# parameters stay within _AUTO_HEAD_SHARE of the generated values.
+# The LoRAHead of head="auto" with no base, above the budget (see auto_head).
 _AUTO_MAX_RANK = 16
 _AUTO_HEAD_SHARE = 0.125
 
@@ -38,13 +43,13 @@ def auto_head(
 ) -> Head:
     r"""The head ``head="auto"`` builds, decided by what a dense head would cost.
 
-    The budget is ``2**20`` parameters (4 MB in float32). A dense head costs ``(H + 1) N`` for
-    ``N`` generated values: within the budget, :class:`DenseHead`, the fastest to learn. Above
-    it, on a base, :class:`HybridHead` with that budget: dense maps for the smallest tensors
-    that fit, a scale per row for the others, plus a low-rank additive update where scaling
-    cannot move a tensor (a zero base). With no base, a :class:`LoRAHead` with the largest rank
-    (at most 16) that keeps it within 0.125x the generated values. The returned head's
-    ``reason`` says which and why (:func:`summary` and the hypernetwork's repr show it).
+    A dense head costs ``(H + 1) N`` parameters for ``N`` generated values. Within the budget,
+    :data:`~torchhyper.heads.AUTO_BUDGET`, it is :class:`DenseHead`. Above it, on a base,
+    :class:`HybridHead` with that budget: dense maps for the smallest tensors that fit, a scale
+    per row for the others, plus a low-rank additive term where scaling cannot move a tensor (a
+    zero base). With no base, a :class:`LoRAHead` with the largest rank (at most 16) whose
+    parameters stay within an eighth of the generated values. The returned head's ``reason``
+    says which and why (:func:`summary` and the hypernetwork's repr show it).
 
     Args:
         in_features: The embedding width ``H``.
@@ -55,7 +60,7 @@ def auto_head(
     """
     sizes = [torch.Size(s) for s in shapes]
     numel = sum(s.numel() for s in sizes)
-    budget = _AUTO_BUDGET
+    budget = AUTO_BUDGET
     cost = (in_features + 1) * numel
     head: Head
     if cost <= budget:
@@ -72,7 +77,7 @@ def auto_head(
             else "; no tensor fits it alone: row scales and additive terms only"
         )
         return head
-    per_rank = sum(sum(_as_matrix(s)) + in_features + 1 for s in sizes)
+    per_rank = sum(sum(_matrix_shape(s)) + in_features + 1 for s in sizes)
     rank = int(min(_AUTO_MAX_RANK, max(1, _AUTO_HEAD_SHARE * numel // per_rank)))
     head = LoRAHead(in_features, shapes, rank=rank)
     head.reason = f"{over}; with base='none', a LoRAHead of rank {rank}"
@@ -99,7 +104,7 @@ def summary(hypernetwork: nn.Module) -> str:
         why: auto: dense needs 90,210 parameters, within the budget of 1,048,576
         base: learned (930 values, trained)
         generated: 930 values in 2 tensors
-        trained parameters: 99,654 (107x generated): gain 2, encoder 8,512, head 90,210, bases 930
+        trained parameters: 99,654 (107x generated): gain 2, encoder 8,512, head 90,210, base 930
     """
     head = getattr(hypernetwork, "head", None)
     numel = getattr(hypernetwork, "numel", None)
@@ -119,7 +124,7 @@ def summary(hypernetwork: nn.Module) -> str:
     )
     tensors = len(getattr(head, "shapes", [])) or "?"
     detail = ", ".join(f"{k} {v:,}" for k, v in parts.items())
-    base = getattr(hypernetwork, "base", "none")
+    base = getattr(hypernetwork, "_base_choice", "none")
     how = {"learned": "trained", "frozen": "fixed"}.get(base)
     reason = getattr(head, "reason", "")
     return (
@@ -153,6 +158,8 @@ def _make_head(
     factory takes a ``bases`` keyword."""
     base = bases is not None
     if isinstance(head, str):
+        if head in _RENAMED and head not in HEADS:
+            raise ValueError(f"head={head!r} is now head={_RENAMED[head]!r}")
         if head != "auto" and head not in HEADS:
             raise ValueError(f"head must be one of {head_names()} or a callable, got {head!r}")
         factory: HeadFactory = (

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchhyper._checks import positive_int
+from torchhyper._checks import positive_int, renamed
 from torchhyper.heads.head import Head, _zero, register_head
 
 __all__ = ["DenseHead", "ChunkedHead"]
@@ -21,8 +21,9 @@ class DenseHead(Head):
     r"""One fused linear map from the embedding to every value: a linear head per tensor, as a
     single matrix product.
 
-    It costs ``(H + 1) N`` parameters: about 97 times the downstream for ``H = 96``. Use it for
-    small downstreams, where it is the fastest to train.
+    It costs ``(H + 1) N`` parameters for ``N`` generated values (``H + 1`` times what it
+    generates) and ``H N`` multiply-adds: the choice of ``head="auto"`` while that fits
+    :data:`~torchhyper.heads.AUTO_BUDGET`.
     """
 
     def __init__(self, in_features: int, shapes: Sequence[Sequence[int]]) -> None:
@@ -34,17 +35,17 @@ class DenseHead(Head):
         return F.linear(z, self.weight, self.bias)
 
     def assemble(
-        self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
+        self, z: Tensor, bases: Sequence[Tensor], spread: Tensor, gain: Tensor
     ) -> list[Tensor]:
         if z[..., 0].numel() <= self.in_features:
-            return super().assemble(z, bases, scale, gain)
-        # Many sets at once (per sample): folding the per-value scale and base into the
-        # weights costs N * H operations instead of B * N, forward and backward.
-        scale = torch.cat([c.expand(n) for c, n in zip((scale * gain).unbind(), self.numels)])
+            return super().assemble(z, bases, spread, gain)
+        # Many sets at once (per sample): folding each value's coefficient (spread * gain) and
+        # base into the weights costs N * H operations instead of B * N, forward and backward.
+        coef = torch.cat([c.expand(n) for c, n in zip((spread * gain).unbind(), self.numels)])
         base = torch.cat([b.expand(n) for b, n in zip(bases, self.numels)])
-        weight = self.weight * scale.unsqueeze(-1)
+        weight = self.weight * coef.unsqueeze(-1)
         return list(
-            F.linear(z, weight, torch.addcmul(base, scale, self.bias)).split(self.numels, dim=-1)
+            F.linear(z, weight, torch.addcmul(base, coef, self.bias)).split(self.numels, dim=-1)
         )
 
     def zero_update_(self) -> bool:
@@ -57,15 +58,17 @@ class ChunkedHead(Head):
     on a learned chunk embedding (von Oswald et al. 2020).
 
     Chunk ``c`` gets ``a_c = norm(relu(U z + V e_c + b))`` of width ``rank``, then
-    ``h_c = W a_c + w`` with ``W`` of shape ``(chunk_size, rank)``. Parameters grow with
-    ``N / chunk_size * embedding_dim`` only, and the forward costs ``rank * N`` multiply-adds:
-    with ``rank = 16`` this is small next to one forward of the downstream on a batch of 16 or more.
+    ``h_c = W a_c + w`` with ``W`` of shape ``(chunk_size, rank)``. Parameters:
+    ``r (C + H + d + 1) + C + d N / C``, growing with ``N`` only through the chunk embeddings
+    ``e_c``; the forward costs ``r N`` multiply-adds (one forward of the downstream on a batch of
+    ``B`` costs about ``B N``). Its values have rank at most ``r + 1`` as a ``(chunks, C)``
+    matrix.
 
     Args:
         in_features: The embedding width ``H``.
         shapes: The shapes of the generated tensors.
         chunk_size: Values per chunk ``C``.
-        embedding_dim: Width ``d`` of the learned chunk embeddings.
+        chunk_dim: Width ``d`` of the learned chunk embeddings ``e_c``.
         rank: Width ``r`` of the generator's hidden layer.
 
     References:
@@ -73,23 +76,24 @@ class ChunkedHead(Head):
         | https://arxiv.org/abs/1906.00695
     """
 
+    @renamed(embedding_dim="chunk_dim")
     def __init__(
         self,
         in_features: int,
         shapes: Sequence[Sequence[int]],
         *,
         chunk_size: int = 1024,
-        embedding_dim: int = 8,
+        chunk_dim: int = 8,
         rank: int = 16,
     ) -> None:
         super().__init__(in_features, shapes)
         positive_int("chunk_size", chunk_size)
-        positive_int("embedding_dim", embedding_dim)
+        positive_int("chunk_dim", chunk_dim)
         positive_int("rank", rank)
         self.chunk_size = min(chunk_size, max(1, self.numel))
         self.chunks = -(-self.numel // self.chunk_size)
-        self.embeddings = nn.Parameter(torch.randn(self.chunks, embedding_dim))
-        self.mix = nn.Linear(in_features + embedding_dim, rank)
+        self.embeddings = nn.Parameter(torch.randn(self.chunks, chunk_dim))  # e_c
+        self.mix = nn.Linear(in_features + chunk_dim, rank)
         self.weight = nn.Parameter(torch.randn(self.chunk_size, rank) / math.sqrt(rank))
         self.bias = nn.Parameter(torch.zeros(self.chunk_size))
 

@@ -7,7 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from torchhyper.heads.head import Head, _as_matrix, _scale_rows, _zero, register_head
+from torchhyper.heads.head import (
+    Head,
+    _matrix_shape,
+    _require_bases,
+    _scale_rows,
+    _zero,
+    register_head,
+)
 
 __all__ = ["FiLMHead", "NoUpdate"]
 
@@ -15,7 +22,7 @@ __all__ = ["FiLMHead", "NoUpdate"]
 @register_head("film")
 class FiLMHead(Head):
     r"""Modulates a base: each row of each matrix is scaled, ``theta_i(z) = (1 + gain_i g_i(z))
-    * base_i``, and each vector is shifted, ``theta_i(z) = base_i + scale_i gain_i s_i(z)``.
+    * base_i``, and each vector is shifted, ``theta_i(z) = base_i + spread_i gain_i s_i(z)``.
 
     A tensor's rows are its first dimension (a Linear's or a Conv's output channels); vectors
     (biases, norm scales) and scalars are shifted value by value, in units of their spread, so
@@ -46,13 +53,13 @@ class FiLMHead(Head):
 
     def __init__(self, in_features: int, shapes: Sequence[Sequence[int]]) -> None:
         super().__init__(in_features, shapes)
-        self.matrices = [_as_matrix(s) for s in self.shapes]
+        self.matrix_shapes = [_matrix_shape(s) for s in self.shapes]
         # Per tensor: a scale per row of a matrix, or a shift per value of a vector.
-        self.widths = [rows for rows, _ in self.matrices]
+        self.widths = [rows for rows, _ in self.matrix_shapes]
         self.linear = nn.Linear(in_features, sum(self.widths))
         # For the whole output at once: which tensor each value belongs to, whether that
-        # tensor is a vector, and the 1 of a row's factor 1 + gain * g (0 for a vector's shift).
-        vector = torch.tensor([cols == 1 for _, cols in self.matrices])
+        # tensor is a vector, and the 1 of a row's scale 1 + gain * g (0 for a vector's shift).
+        vector = torch.tensor([cols == 1 for _, cols in self.matrix_shapes])
         owner = torch.repeat_interleave(torch.arange(len(self.widths)), torch.tensor(self.widths))
         self.register_buffer("vector", vector, persistent=False)
         self.register_buffer("owner", owner, persistent=False)
@@ -60,30 +67,27 @@ class FiLMHead(Head):
         self.zero_update_()
 
     def assemble(
-        self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
+        self, z: Tensor, bases: Sequence[Tensor], spread: Tensor, gain: Tensor
     ) -> list[Tensor]:
-        if bases and bases[0].dim() == 0:  # base="none" passes scalar offsets
-            raise ValueError(
-                "FiLMHead modulates a base: build the hypernetwork with base='learned' or 'frozen'"
-            )
+        _require_bases(self, bases)
         batch = z.shape[:-1]
-        # One pass over all rows and vector values: 1 + gain * g for rows, scale * gain * s
+        # One pass over all rows and vector values: 1 + gain * g for rows, spread * gain * s
         # for vectors (a handful of kernels, whatever the number of tensors).
-        coef = torch.where(self.vector, scale * gain, gain)[self.owner]
-        factors = torch.addcmul(self.one, self.linear(z), coef).split(self.widths, dim=-1)
+        coef = torch.where(self.vector, spread * gain, gain)[self.owner]
+        parts = torch.addcmul(self.one, self.linear(z), coef).split(self.widths, dim=-1)
         out = []
-        for f, base, (rows, cols) in zip(factors, bases, self.matrices):
-            if cols == 1:
-                out.append(base + f)
-            else:
-                out.append(_scale_rows(base.view(rows, cols), f).view(*batch, rows * cols))
+        for part, base, (rows, cols) in zip(parts, bases, self.matrix_shapes):
+            if cols == 1:  # a vector's shift
+                out.append(base + part)
+            else:  # a matrix's row scales
+                out.append(_scale_rows(base.view(rows, cols), part).view(*batch, rows * cols))
         return out
 
     def zero_update_(self) -> bool:
         return _zero(self.linear.weight, self.linear.bias)
 
 
-@register_head("none")
+@register_head("no_update")
 class NoUpdate(Head):
     r"""No update and no parameters: every generated tensor is its base.
 
@@ -93,13 +97,11 @@ class NoUpdate(Head):
     """
 
     needs_base = True
-    vector: Tensor
-    owner: Tensor
-    one: Tensor
 
     def assemble(
-        self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
+        self, z: Tensor, bases: Sequence[Tensor], spread: Tensor, gain: Tensor
     ) -> list[Tensor]:
+        _require_bases(self, bases)
         batch = z.shape[:-1]
         return [b.expand(*batch, b.numel()) if batch else b for b in bases]
 

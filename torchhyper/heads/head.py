@@ -1,4 +1,5 @@
-r"""The head contract (:class:`Head`) and the registry of named heads (:data:`HEADS`)."""
+r"""The head contract (:class:`Head`), the registry of named heads (:data:`HEADS`) and the budget
+of ``head="auto"`` (:data:`AUTO_BUDGET`, here so that every head module can read it)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from torch import Tensor, nn
 
 from torchhyper._registry import registrar
 
-__all__ = ["Head", "HeadFactory", "HEADS", "register_head", "head_names"]
+__all__ = ["Head", "HeadFactory", "HEADS", "AUTO_BUDGET", "register_head", "head_names"]
+
+AUTO_BUDGET = 2**20
+r"""The most parameters ``head="auto"`` gives dense maps (4 MB in float32, 12 MB with Adam's
+state): :class:`~torchhyper.heads.DenseHead` within it, :class:`~torchhyper.heads.HybridHead`
+with this budget above it (see :func:`~torchhyper.heads.auto_head`)."""
 
 
 class Head(nn.Module):
@@ -26,7 +32,8 @@ class Head(nn.Module):
         shapes: The shapes of the generated tensors, in output order.
     """
 
-    #: Whether the head only modulates a base (it cannot generate tensors from scratch).
+    #: Whether the head only modulates a base (it cannot generate tensors from scratch): the
+    #: hypernetwork then refuses ``base="none"``.
     needs_base: bool = False
     #: Whether its update to a matrix is proportional to the base's rows, so that a zero base
     #: (or a zero row) never moves (:class:`~torchhyper.heads.FiLMHead`).
@@ -45,21 +52,21 @@ class Head(nn.Module):
         raise NotImplementedError
 
     def assemble(
-        self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
+        self, z: Tensor, bases: Sequence[Tensor], spread: Tensor, gain: Tensor
     ) -> list[Tensor]:
-        r"""The generated values ``base_i + scale_i * gain_i * h_i``, tensor by tensor.
+        r"""The generated values ``base_i + spread_i * gain_i * h_i``, tensor by tensor.
 
         Args:
             z: Embeddings, ``(*, H)``.
             bases: Per tensor, a scalar (``base="none"``) or the flat ``(numel_i,)`` base.
-            scale: Per-tensor scales, ``(T,)``: the std of a tensor's default init
-                (``base="none"``) or the root mean square of its base.
+            spread: Per-tensor spreads, ``(T,)``, the unit of each tensor's update: the std of
+                its default init (``base="none"``) or the root mean square of its base.
             gain: Per-tensor learned gains, ``(T,)``.
 
         Returns:
             Flat values ``(*, numel_i)`` per tensor.
         """
-        return _assemble(self(z), scale * gain, bases, self.numels)
+        return _assemble(self(z), spread * gain, bases, self.numels)
 
     def zero_update_(self) -> bool:
         r"""Makes the head's raw values exactly zero for every embedding, in place, keeping it
@@ -91,6 +98,9 @@ r"""The named heads: ``head=NAME`` builds ``HEADS[NAME](in_features, shapes)``.
 Filled by :func:`register_head`. Validation, error messages, the experiments' configs, the tests
 and the documentation all read it.
 """
+
+# Names of earlier releases, refused with the new name (not accepted silently): old -> new.
+_RENAMED = {"none": "no_update"}
 
 H = TypeVar("H", bound=type[Head])
 
@@ -143,48 +153,57 @@ def _assemble(
     raw: Tensor, coef: Tensor, bases: Sequence[Tensor], numels: list[int]
 ) -> list[Tensor]:
     # Tensor by tensor, with scalar coefficients: no N-sized copies of them, whose backward
-    # (an index_add over N values) cost as much as a small downstream's step.
+    # would be an index_add over N values.
     parts = raw.split(numels, dim=-1)
     return [torch.addcmul(b, h, c) for h, c, b in zip(parts, coef.unbind(), bases)]
 
 
-def _scale_rows(base: Tensor, factor: Tensor) -> Tensor:
-    """``base (rows, cols) * factor[..., None]`` for factors ``(*, rows)``: each row of the base
-    scaled, one matrix per factor."""
-    if factor.dim() == 1 and not torch.compiler.is_compiling():
-        return cast(Tensor, _ScaleRows.apply(base, factor))  # type: ignore[no-untyped-call]
-    return base * factor.unsqueeze(-1)
+def _scale_rows(base: Tensor, scale: Tensor) -> Tensor:
+    """``base (rows, cols) * scale[..., None]`` for row scales ``(*, rows)``: each row of the base
+    scaled, one matrix per set of scales."""
+    if scale.dim() == 1 and not torch.compiler.is_compiling():
+        return cast(Tensor, _ScaleRows.apply(base, scale))  # type: ignore[no-untyped-call]
+    return base * scale.unsqueeze(-1)
 
 
 class _ScaleRows(torch.autograd.Function):
-    """``base * factor[:, None]`` with a backward that reads the gradient once per input: the
-    factor's gradient is a row-wise dot product (no temporary of the matrix's size). Written
+    """``base * scale[:, None]`` with a backward that reads the gradient once per input: the
+    scales' gradient is a row-wise dot product (no temporary of the matrix's size). Written
     for ``torch.func`` too: a generated vmap rule, and forward-mode derivatives."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(base: Tensor, factor: Tensor) -> Tensor:
-        return base * factor.unsqueeze(-1)
+    def forward(base: Tensor, scale: Tensor) -> Tensor:
+        return base * scale.unsqueeze(-1)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
-        base, factor = inputs
-        ctx.save_for_backward(base, factor)
-        ctx.save_for_forward(base, factor)
+        base, scale = inputs
+        ctx.save_for_backward(base, scale)
+        ctx.save_for_forward(base, scale)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        base, factor = ctx.saved_tensors
-        grad_base = grad * factor.unsqueeze(-1) if ctx.needs_input_grad[0] else None
-        grad_factor = torch.linalg.vecdot(grad, base) if ctx.needs_input_grad[1] else None
-        return grad_base, grad_factor
+        base, scale = ctx.saved_tensors
+        grad_base = grad * scale.unsqueeze(-1) if ctx.needs_input_grad[0] else None
+        grad_scale = torch.linalg.vecdot(grad, base) if ctx.needs_input_grad[1] else None
+        return grad_base, grad_scale
 
     @staticmethod
-    def jvp(ctx: Any, base_t: Tensor | None, factor_t: Tensor | None) -> Tensor:
-        base, factor = ctx.saved_tensors
-        out = torch.zeros_like(base) if base_t is None else base_t * factor.unsqueeze(-1)
-        return out if factor_t is None else out + base * factor_t.unsqueeze(-1)
+    def jvp(ctx: Any, base_t: Tensor | None, scale_t: Tensor | None) -> Tensor:
+        base, scale = ctx.saved_tensors
+        out = torch.zeros_like(base) if base_t is None else base_t * scale.unsqueeze(-1)
+        return out if scale_t is None else out + base * scale_t.unsqueeze(-1)
+
+
+def _require_bases(head: Head, bases: Sequence[Tensor]) -> None:
+    """Refuses the scalar offsets that ``base="none"`` passes, in a head that needs a base."""
+    if bases and bases[0].dim() == 0:
+        raise ValueError(
+            f"{type(head).__name__} needs a base: build the hypernetwork with base='learned' "
+            "or 'frozen'"
+        )
 
 
 def _has_zero_row(value: Tensor) -> bool:
@@ -201,8 +220,9 @@ def _zero(*params: Tensor) -> bool:
     return True
 
 
-def _as_matrix(shape: torch.Size) -> tuple[int, int]:
-    """A tensor as a matrix: its rows (first dimension) by the product of the rest."""
+def _matrix_shape(shape: torch.Size) -> tuple[int, int]:
+    """The shape of a tensor viewed as a matrix: its rows (first dimension) by the product of
+    the rest; a vector ``(n,)`` is ``(n, 1)``, a scalar ``(1, 1)``."""
     if len(shape) == 0:
         return 1, 1
     return shape[0], shape[1:].numel()

@@ -1,5 +1,6 @@
-r"""The default update above the dense head's budget: :class:`HybridHead`, dense maps for the
-small tensors and a scalable update, which moves any base (zeros included), for the rest."""
+r"""The default head above the dense head's budget: :class:`HybridHead`, dense maps for the
+small tensors and, for the rest, row scales plus a low-rank additive term, which moves any base
+(zeros included)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from torchhyper._checks import positive_int
 from torchhyper._record import _few
 from torchhyper.heads.dense import DenseHead
 from torchhyper.heads.head import (
+    AUTO_BUDGET,
     Head,
-    _as_matrix,
     _has_zero_row,
+    _matrix_shape,
+    _require_bases,
     _scale_rows,
     _zero,
     register_head,
@@ -28,7 +31,7 @@ __all__ = ["HybridHead"]
 @register_head("hybrid")
 class HybridHead(Head):
     r"""Dense maps for the tensors that fit a parameter budget; for the others, a scale per row
-    and, where scaling cannot move a tensor, a low-rank additive update.
+    and, where scaling cannot move a tensor, a low-rank additive term.
 
     Tensors are taken smallest first (biases, norms, output layers, adapter factors: where
     conditioning tends to act, as in BitFit and head-only adaptation) and each gets a
@@ -36,7 +39,7 @@ class HybridHead(Head):
     maps hold at most ``budget`` parameters. Every other tensor, viewed as a matrix
     ``(rows, cols)`` (a vector as ``(n, 1)``), is generated as
 
-    ``theta_i(z) = (1 + gain_i g_i(z)) * base_i + scale_i gain_i A_i diag(c_i(z)) B_i^T / sqrt(r)``
+    ``theta_i(z) = (1 + gain_i g_i(z)) * base_i + spread_i gain_i A_i diag(c_i(z)) B_i^T / sqrt(r)``
 
     with ``g_i`` one scale per row (matrices only, as :class:`~torchhyper.heads.FiLMHead`), and
     a rank-``r`` additive term, as LoRA adapts a weight: learned factors ``A_i (rows, r)`` and
@@ -57,7 +60,8 @@ class HybridHead(Head):
     Args:
         in_features: The embedding width ``H``.
         shapes: The shapes of the generated tensors.
-        budget: The most parameters the dense maps may hold; 0 for none.
+        budget: The most parameters the dense maps may hold; 0 for none. Default:
+            :data:`~torchhyper.heads.AUTO_BUDGET`.
         rank: The rank ``r`` of the additive terms.
         bases: The base of each tensor, shaped like ``shapes`` (``HyperNetwork`` passes them):
             only tensors with a row of zeros, and vectors, then get the additive term.
@@ -71,8 +75,8 @@ class HybridHead(Head):
         >>> head.scaled.additive  # a row scale moves the weight, not lora_B
         [True, False]
         >>> z = torch.randn(16)
-        >>> scale, gain = torch.ones(2), torch.ones(2)
-        >>> values = head.assemble(z, [lora_b.flatten(), weight.flatten()], scale, gain)
+        >>> spread, gain = torch.ones(2), torch.ones(2)
+        >>> values = head.assemble(z, [lora_b.flatten(), weight.flatten()], spread, gain)
         >>> [tuple(v.shape) for v in values]  # flat values, (*, numel) per tensor
         [(512,), (4096,)]
 
@@ -91,7 +95,7 @@ class HybridHead(Head):
         in_features: int,
         shapes: Sequence[Sequence[int]],
         *,
-        budget: int = 2**20,
+        budget: int = AUTO_BUDGET,
         rank: int = 8,
         bases: Sequence[Tensor] | None = None,
         additive: Sequence[bool] | None = None,
@@ -136,17 +140,14 @@ class HybridHead(Head):
         self.zero_update_()
 
     def assemble(
-        self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
+        self, z: Tensor, bases: Sequence[Tensor], spread: Tensor, gain: Tensor
     ) -> list[Tensor]:
-        if bases and bases[0].dim() == 0:  # base="none" passes scalar offsets
-            raise ValueError(
-                "HybridHead updates a base: build the hypernetwork with base='learned' or 'frozen'"
-            )
+        _require_bases(self, bases)
         out: list[Tensor] = [z] * len(self.shapes)  # placeholders, all replaced
         for part, index in ((self.dense, self.dense_index), (self.scaled, self.scaled_index)):
             if part is None:
                 continue
-            values = part.assemble(z, [bases[i] for i in index], scale[index], gain[index])
+            values = part.assemble(z, [bases[i] for i in index], spread[index], gain[index])
             for i, v in zip(index, values):
                 out[i] = v
         return out
@@ -219,8 +220,9 @@ def _additive(
 
 class _RowsPlusLowRank(Head):
     r"""The part of :class:`HybridHead` without dense maps: ``(1 + gain g(z)) * base`` for each
-    matrix, plus ``scale gain A diag(c(z)) B^T / sqrt(r)`` for the tensors in ``additive``. The
-    factors of all those tensors sit in two flat parameters (few tensors for the optimizer)."""
+    matrix, plus ``spread gain A diag(c(z)) B^T / sqrt(r)`` for the tensors in ``additive``. The
+    low-rank factors ``A`` and ``B`` of all those tensors sit in two flat parameters (few tensors
+    for the optimizer)."""
 
     needs_base = True
 
@@ -234,13 +236,14 @@ class _RowsPlusLowRank(Head):
     ) -> None:
         super().__init__(in_features, shapes)
         self.rank = rank
-        self.matrices = [_as_matrix(s) for s in self.shapes]
+        self.matrix_shapes = [_matrix_shape(s) for s in self.shapes]
         # Row scales for the matrices; a vector's rows are its values, so it is only shifted.
-        self.rows = [rows if cols > 1 else 0 for rows, cols in self.matrices]
-        self.additive = [bool(a) or cols == 1 for a, (_, cols) in zip(additive, self.matrices)]
-        self.factors = nn.Linear(in_features, sum(self.rows)) if sum(self.rows) else None
+        self.rows = [rows if cols > 1 else 0 for rows, cols in self.matrix_shapes]
+        self.additive = [bool(a) or cols == 1 for a, (_, cols) in zip(additive, self.matrix_shapes)]
+        # g: the embedding to a scale per row of every matrix.
+        self.scales = nn.Linear(in_features, sum(self.rows)) if sum(self.rows) else None
         self.additive_index = [i for i, a in enumerate(self.additive) if a]
-        low = [self.matrices[i] for i in self.additive_index]
+        low = [self.matrix_shapes[i] for i in self.additive_index]
         self.left: nn.Parameter | None = None
         self.right: nn.Parameter | None = None
         self.coefficients: nn.Linear | None = None
@@ -254,30 +257,30 @@ class _RowsPlusLowRank(Head):
         self.zero_update_()
 
     def assemble(
-        self, z: Tensor, bases: Sequence[Tensor], scale: Tensor, gain: Tensor
+        self, z: Tensor, bases: Sequence[Tensor], spread: Tensor, gain: Tensor
     ) -> list[Tensor]:
         batch = z.shape[:-1]
         r = self.rank
-        low = [self.matrices[i] for i in self.additive_index]
+        low = [self.matrix_shapes[i] for i in self.additive_index]
         if self.left is not None and self.right is not None and self.coefficients is not None:
             lefts = torch.split(self.left, [rows * r for rows, _ in low])
             rights = torch.split(self.right, [cols * r for _, cols in low])
-            # (*, T', r): each additive tensor's coefficients, times its scale and gain.
-            coef = (scale * gain / math.sqrt(r))[self.additive_index]
+            # (*, T', r): each additive tensor's coefficients, times its spread and gain.
+            coef = (spread * gain / math.sqrt(r))[self.additive_index]
             c = self.coefficients(z).view(*batch, len(low), r) * coef.unsqueeze(-1)
-        factors = (
-            self.factors(z).split([n for n in self.rows if n], dim=-1)
-            if self.factors is not None
+        scales = (
+            self.scales(z).split([n for n in self.rows if n], dim=-1)
+            if self.scales is not None
             else ()
         )
         one = gain.new_ones(())
         out = []
         f = k = 0
-        for i, (base, (rows, cols)) in enumerate(zip(bases, self.matrices)):
+        for i, (base, (rows, cols)) in enumerate(zip(bases, self.matrix_shapes)):
             base = base.view(rows, cols)
             value = base
             if self.rows[i]:
-                row = torch.addcmul(one, factors[f], gain[i])  # 1 + gain g
+                row = torch.addcmul(one, scales[f], gain[i])  # 1 + gain g
                 value = _scale_rows(base, row)
                 f += 1
             if self.additive[i]:
@@ -296,8 +299,8 @@ class _RowsPlusLowRank(Head):
         return out
 
     def zero_update_(self) -> bool:
-        if self.factors is not None:
-            _zero(self.factors.weight, self.factors.bias)
+        if self.scales is not None:
+            _zero(self.scales.weight, self.scales.bias)
         if self.right is not None:
             _zero(self.right)
         return True
