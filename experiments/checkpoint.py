@@ -1,9 +1,10 @@
 r"""Checkpoints: written atomically, loaded with ``weights_only=True``, resumed exactly.
 
-A checkpoint holds every ``state_dict`` of a run, its step and loss history, the RNG states
-(PyTorch's global CPU and CUDA generators and the run's data generator), so that a run that is
-interrupted and resumed ends bit-identical to one that never stopped (on the CPU), and the
-resolved config of the run it belongs to, so that a run resumes only its own checkpoints.
+A checkpoint (:func:`checkpoint_state`) holds every ``state_dict`` of a run, its step and loss
+history, the RNG states (PyTorch's global CPU and CUDA generators, every rank's, and the run's
+data generator), so that a run that is interrupted and resumed (:func:`restore_state`) ends
+bit-identical to one that never stopped (on the CPU), and the resolved config of the run it
+belongs to, so that a run resumes only its own checkpoints.
 
 Every file of a run is written by :func:`write_atomic`: a full disk (or any other failed write)
 leaves the previous file intact and no temporary file behind, and says so.
@@ -21,11 +22,21 @@ import warnings
 import zipfile
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
+
+from experiments.config import upgrade
+from experiments.distributed import rank_rng_states, set_rank_rng_state
+from torchhyper.distributed import full_state_dict, load_full_state_dict
+
+if TYPE_CHECKING:
+    from experiments.common.fit import CosineAdam
 
 __all__ = [
+    "checkpoint_state",
+    "restore_state",
     "save_checkpoint",
     "load_checkpoint",
     "check_config",
@@ -52,6 +63,63 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(state["data"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_state(
+    step: int,
+    hypernetwork: nn.Module,
+    direct: nn.ModuleList,
+    optimizers: dict[str, CosineAdam],
+    history: dict[str, list[float]],
+    generator: torch.Generator,
+    *,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    r"""Everything a resumed run needs to continue bit-identically after ``step`` steps, and
+    the resolved ``config`` of the run it belongs to.
+
+    Every rank calls it (the hypernetwork's state is gathered unsharded, whatever the wrapper);
+    rank 0's is complete and is the one saved.
+    """
+    hyper = optimizers["hypernetwork"].optimizer
+    full = full_state_dict(hypernetwork, hyper)  # a collective
+    return {
+        "config": config,
+        "step": step,
+        "models": {"hypernetwork": full["model"], "direct": direct.state_dict()},
+        "optimizers": {
+            k: full["optimizer"] if k == "hypernetwork" else o.optimizer.state_dict()
+            for k, o in optimizers.items()
+        },
+        "schedulers": {k: o.scheduler.state_dict() for k, o in optimizers.items()},
+        "history": history,
+        "rng": rng_state(generator),
+        "rng_ranks": rank_rng_states(),
+    }
+
+
+def restore_state(
+    checkpoint: dict[str, Any],
+    hypernetwork: nn.Module,
+    direct: nn.ModuleList,
+    optimizers: dict[str, CosineAdam],
+    generator: torch.Generator,
+) -> tuple[int, dict[str, list[float]]]:
+    r"""Loads what :func:`checkpoint_state` saved; returns the step and the loss history."""
+    full = {
+        "model": checkpoint["models"]["hypernetwork"],
+        "optimizer": checkpoint["optimizers"]["hypernetwork"],
+    }
+    load_full_state_dict(hypernetwork, full, optimizers["hypernetwork"].optimizer)
+    if len(direct):
+        direct.load_state_dict(checkpoint["models"]["direct"])
+    for k, o in optimizers.items():
+        if k != "hypernetwork":
+            o.optimizer.load_state_dict(checkpoint["optimizers"][k])
+        o.scheduler.load_state_dict(checkpoint["schedulers"][k])
+    set_rng_state(checkpoint["rng"], generator)
+    set_rank_rng_state(checkpoint)
+    return checkpoint["step"], checkpoint["history"]
 
 
 def write_atomic(path: Path, data: bytes | memoryview, what: str) -> None:
@@ -173,6 +241,7 @@ def check_config(
             f"checkpoint {str(path)!r} is not a checkpoint of torchhyper's experiments: its "
             f"config is a {type(saved).__name__}, not a dict"
         )
+    saved = upgrade(saved)
     differ = sorted(
         k for k in set(saved) | set(config) if k not in ignore and saved.get(k) != config.get(k)
     )

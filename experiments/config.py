@@ -11,9 +11,14 @@ place they are written; :func:`load_run` loads one by name, :func:`load_config` 
 either.
 
 A config has the common fields of :class:`Config` and a ``task`` object whose fields are those
-of its experiment's config dataclass (``EXPERIMENTS[experiment].config``, declared in the
-experiment's module). Names are checked against the registries: ``experiment`` against
-:data:`experiments.EXPERIMENTS`, ``head``, ``base`` and ``pool`` against torchhyper's.
+of its experiment's config dataclass (``Experiment.config``, declared in the experiment's
+module). Names are checked against the registries: ``experiment`` against
+:mod:`experiments.registry`, ``head``, ``base`` and ``pool`` against torchhyper's.
+
+A key that was renamed (a config dataclass's ``renamed``: old name -> new, e.g. the VAE's
+``model_hidden``, now ``hidden_sizes``) is read under its new name, with a warning, so that
+the config files and run folders of earlier versions still load and resume
+(:func:`upgrade`).
 """
 
 from __future__ import annotations
@@ -22,18 +27,20 @@ import dataclasses
 import json
 import math
 import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from torchhyper._generator import BASES
+from torchhyper._spec import BASES
 from torchhyper.heads import HEADS, head_names
 from torchhyper.heads.build import _head_options
 from torchhyper.pooling import POOLS
 
 __all__ = [
     "Config",
+    "check_each_positive",
     "check_positive",
     "check_range",
     "check_sizes",
@@ -43,6 +50,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "upgrade",
 ]
 
 
@@ -51,6 +59,12 @@ def check_positive(where: str, **values: float) -> None:
     bad = {k: v for k, v in values.items() if not v > 0}
     if bad:
         raise ValueError(f"{where}: {', '.join(f'{k}={v!r}' for k, v in bad.items())} must be > 0")
+
+
+def check_each_positive(where: str, name: str, values: list[float]) -> None:
+    r"""Raises ``ValueError`` unless every one of ``values`` is > 0."""
+    if any(not v > 0 for v in values):
+        raise ValueError(f"{where}.{name} must all be > 0, got {values!r}")
 
 
 def check_range(where: str, name: str, value: list[float], *, positive: bool = False) -> None:
@@ -84,7 +98,7 @@ class Config:
     hidden_sizes: list[int] = field(default_factory=lambda: [32, 64, 96])
     head: str = "auto"  # "auto" or a name of torchhyper.heads.HEADS
     head_options: dict[str, int] = field(default_factory=dict)  # e.g. {"rank": 64} for a named head
-    base: str = "learned"  # HyperNetwork's base=, one of torchhyper._generator.BASES
+    base: str = "learned"  # HyperNetwork's base=, one of torchhyper._spec.BASES
     pool: str = "mean"  # HyperNetwork's pool=, a name of torchhyper.pooling.POOLS
     standardize: bool = False  # HyperNetwork's standardize= (each set by its own statistics)
     rho: list[int] = field(default_factory=list)  # HyperNetwork's rho= (an MLP after the pool)
@@ -99,7 +113,7 @@ class Config:
     cosine: bool = True  # cosine decay of both learning rates to 0
     checkpoint_every: int = 200
     resume: bool = False
-    plot_dpi: int = 70
+    plot_dpi: int = 70  # the plots' resolution: at 70 they are 1120 pixels wide or more
 
     def validate(self) -> None:
         if not self.out_dir:
@@ -196,23 +210,57 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
     return cls(**values)
 
 
+def _renamed(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """``data`` with the keys of ``cls.renamed`` (old -> new) under their new names."""
+    renamed: dict[str, str] = getattr(cls, "renamed", {})
+    both = sorted(old for old, new in renamed.items() if old in data and new in data)
+    if both:
+        raise ValueError(
+            f"{where} has both {both} and their new names {[renamed[k] for k in both]}; "
+            "keep the new ones"
+        )
+    for old in [k for k in data if k in renamed]:
+        warnings.warn(
+            f"{where}.{old} is now {where}.{renamed[old]}: read as such; rename it in the file",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {renamed.get(k, k): v for k, v in data.items()}
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    r"""A config as JSON holds it, written by this or an earlier version, with its renamed keys
+    (a config dataclass's ``renamed``) under their names now, each with a warning.
+
+    Raises:
+        ValueError: A key is there under its old name and its new one.
+    """
+    from experiments.registry import find
+
+    data = _renamed(Config, data, "config")
+    name = data.get("experiment")
+    experiment = find(name) if isinstance(name, str) else None
+    if experiment is not None and isinstance(data.get("task"), dict):
+        where = f"config.task ({experiment.name})"
+        data["task"] = _renamed(experiment.config, data["task"], where)
+    return data
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
-    r"""Builds and validates a :class:`Config` (and its ``task``) from a JSON-like dict.
+    r"""Builds and validates a :class:`Config` (and its ``task``) from a JSON-like dict, with
+    the keys of earlier versions renamed (:func:`upgrade`).
 
     Raises:
         ValueError: Unknown or missing keys, or impossible values.
         TypeError: A value of the wrong type.
     """
-    from experiments.registry import EXPERIMENTS  # imports every experiment module
+    from experiments.registry import experiment
 
-    config: Config = _from_dict(Config, data, "config")
-    if config.experiment not in EXPERIMENTS:
-        raise ValueError(
-            f"config.experiment must be one of {list(EXPERIMENTS)}, got {config.experiment!r}"
-        )
+    config: Config = _from_dict(Config, upgrade(data), "config")
+    found = experiment(config.experiment, where="config.experiment")
     where = f"config.task ({config.experiment})"
     task = config.task if config.task is not None else {}
-    config.task = _from_dict(EXPERIMENTS[config.experiment].config, task, where)
+    config.task = _from_dict(found.config, task, where)
     config.validate()
     config.task.validate(where)
     return config
@@ -234,11 +282,30 @@ def _parse_override(arg: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _renamed_keys(data: dict[str, Any], keys: list[str]) -> list[str]:
+    """An override's ``keys``, the last one under its name now if it was renamed (a warning)."""
+    from experiments.registry import find
+
+    name = data.get("experiment")
+    found = find(name) if len(keys) == 2 and keys[0] == "task" and isinstance(name, str) else None
+    cls = Config if len(keys) == 1 else found.config if found is not None else None
+    renamed: dict[str, str] = getattr(cls, "renamed", {})
+    if keys[-1] not in renamed:
+        return keys
+    new = [*keys[:-1], renamed[keys[-1]]]
+    warnings.warn(
+        f"--{'.'.join(keys)} is now --{'.'.join(new)}: read as such", UserWarning, stacklevel=4
+    )
+    return new
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     r"""Sets each ``--key=value`` or ``--task.key=value`` of ``overrides`` (values parsed as
-    JSON, else taken as strings) in ``data``, in place; returns ``data``."""
+    JSON, else taken as strings) in ``data``, in place, a renamed key under its name now (with
+    a warning); returns ``data``."""
     for arg in overrides:
         keys, value = _parse_override(arg)
+        keys = _renamed_keys(data, keys)
         target = data
         for k in keys[:-1]:
             target = target.setdefault(k, {})
@@ -271,7 +338,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise TypeError(
             f"config file {str(path)!r} must hold a JSON object, got {type(data).__name__}"
         )
-    return config_from_dict(apply_overrides(data, overrides))
+    return config_from_dict(apply_overrides(upgrade(data), overrides))
 
 
 def load_run(run: str, overrides: Sequence[str] = ()) -> Config:
@@ -297,11 +364,11 @@ def load(source: str, overrides: Sequence[str] = ()) -> Config:
         ValueError: ``source`` is neither a run name nor a file; invalid config or overrides.
         TypeError: A value of the wrong type.
     """
-    from experiments.registry import run_names
+    from experiments.registry import find_run, run_names
 
-    if source in run_names():
-        return load_run(source, overrides)
     path = Path(source)
+    if len(path.parts) == 1 and find_run(source) is not None:
+        return load_run(source, overrides)
     if not path.is_file() and path.suffix != ".json" and len(path.parts) == 1:
         raise ValueError(
             f"{source!r} is neither a registered run (one of {run_names()}) nor a JSON config file"

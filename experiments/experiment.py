@@ -1,17 +1,17 @@
-r"""What an experiment file declares: one :class:`Experiment`, ``EXPERIMENT = Experiment(...)``.
+r"""What an experiment module declares: its :class:`Task` and ``EXPERIMENT = Experiment(...)``.
 
-Each experiment is one module of ``experiments/tasks/`` that holds, in one file:
+Each experiment is one module of ``experiments/tasks/``, named as the experiment, that holds:
 
 * its config dataclass: the fields of ``config.task``, each with a default, and a
   ``validate(where)`` method that raises ``ValueError``
   (:func:`~experiments.config.check_positive` and :func:`~experiments.config.check_range` help);
-* its :class:`~experiments.tasks.base.Task`: the data, the downstream module and the evaluation;
-* its results-table row, and the runs the results command trains;
+* its :class:`Task`: the data, the downstream module and the evaluation;
+* its results-table row, and its runs (named as the experiment, or that name and ``_...``);
 * ``EXPERIMENT = Experiment(...)``, which ties them together under one name.
 
-:mod:`experiments.registry` finds the module by itself (any module of ``experiments/tasks/``
-that defines ``EXPERIMENT``); the config loader, the trainer and the results command read the
-registry and never name an experiment.
+:mod:`experiments.registry` finds the module by its name, importing no other experiment; the
+config loader, the trainer and the results command read the registry and never name an
+experiment.
 """
 
 from __future__ import annotations
@@ -20,17 +20,110 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from experiments.tasks.base import Task
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
 
-__all__ = ["Experiment", "default_verdict", "number", "percent"]
+if TYPE_CHECKING:
+    from experiments.config import Config
+
+History = dict[str, list[float]]
+r"""The training losses per step, by model: ``{"hypernetwork": [...], "direct": [...]}``."""
+
+__all__ = [
+    "Experiment",
+    "History",
+    "Task",
+    "default_verdict",
+    "describe",
+    "number",
+    "percent",
+    "within",
+]
+
+
+class Task:
+    r"""What the trainer needs from an experiment: its data, its downstream and its evaluation.
+
+    The trainer (:mod:`experiments.train`) owns the models, optimizers, loop and checkpoints,
+    and reaches a task only through these members.
+
+    Attributes:
+        config: The run's config; ``config.task`` is the experiment's config dataclass.
+        device: Where the models train.
+        downstream: The module whose parameters are generated (and, copied, trained directly).
+        input_dim: Features per example of a set, what the hypernetwork reads (its
+            ``input_dim``).
+        example_shape: The shape of one example, where it is an image ``(C, H, W)``
+            (``C * H * W == input_dim``); what ``encoder="cnn"`` needs. ``None``: the examples
+            are plain vectors.
+        num_datasets: How many fixed training datasets there are. The trainer trains one direct
+            copy of the downstream per dataset, on the same sets the hypernetwork sees. 0 means
+            an infinite family (fresh random datasets each step): the direct fits then happen
+            at evaluation, on each held-out dataset.
+    """
+
+    downstream: nn.Module
+    input_dim: int
+    example_shape: tuple[int, ...] | None = None
+    num_datasets: int
+
+    def __init__(self, config: Config, device: torch.device) -> None:
+        r"""Builds the data and the downstream (on ``device``) for ``config``; subclasses call
+        this first."""
+        self.config, self.device = config, device
+
+    def sample(self, generator: torch.Generator) -> tuple[int, Tensor]:
+        r"""One training set: ``(dataset index or -1, batch (B, *))``, drawn with ``generator``."""
+        raise NotImplementedError
+
+    def loss(self, params: dict[str, Tensor], batch: Tensor) -> Tensor:
+        r"""The scalar training loss of the downstream with ``params`` on ``batch``: by default
+        the negative mean of what the downstream returns, a log-density (or ELBO) ``(B,)``."""
+        log_density: Tensor = functional_call(self.downstream, params, (batch,))
+        return -log_density.mean()
+
+    def evaluate(
+        self, hypernetwork: nn.Module, direct: nn.ModuleList, history: History, out: Path
+    ) -> dict[str, Any]:
+        r"""Evaluates both models, writes the plots into ``out`` and returns the metrics."""
+        raise NotImplementedError
+
+    def finish(
+        self, hypernetwork: nn.Module, direct: nn.ModuleList, history: History, out: Path
+    ) -> dict[str, Any]:
+        r"""What the trainer calls after training: :meth:`evaluate`, and what was trained."""
+        metrics = self.evaluate(hypernetwork, direct, history, out)
+        return {**metrics, "hypernetwork_model": describe(hypernetwork)}
+
+
+def describe(hypernetwork: nn.Module) -> dict[str, Any]:
+    r"""What was trained: the head's class and the parameter counts, for ``metrics.json``."""
+    module = getattr(hypernetwork, "module", hypernetwork)  # unwrap DDP
+    head = getattr(module, "head", None)
+    return {
+        "head": type(head).__name__ if head is not None else None,
+        "parameters": sum(p.numel() for p in module.parameters()),
+        "generated": getattr(module, "numel", None),
+    }
+
+
+def within(
+    hypernetwork: float, direct: float, *, tolerance: float = 0.1, higher_is_better: bool = False
+) -> bool:
+    r"""Whether the hypernetwork's metric is no worse than direct training's by more than
+    ``tolerance`` (relative to direct's); being better always counts."""
+    margin = tolerance * abs(direct)
+    return hypernetwork >= direct - margin if higher_is_better else hypernetwork <= direct + margin
 
 
 def default_verdict(metrics: dict[str, Any]) -> str:
     r"""The results table's verdict: whether the task's evaluation found the hypernetwork within
     10% of direct training (``metrics["within_10_percent"]``)."""
-    return "yes" if metrics["within_10_percent"] else "**no** (see below)"
+    return "yes" if metrics["within_10_percent"] else "**no** (see the results page)"
 
 
 def number(x: float, digits: int = 3) -> str:
@@ -51,15 +144,15 @@ class Experiment:
     that defines ``task``: what the docs' table of experiments shows.
 
     Args:
-        name: What ``config.experiment`` says, and the plot the task writes (``<name>.png``).
+        name: What ``config.experiment`` says, the name of the module that defines it
+            (``experiments/tasks/<name>.py``), and the plot the task writes (``<name>.png``).
         config: The dataclass of ``config.task``: every field with a default, and a
             ``validate(where)`` method.
-        task: The :class:`~experiments.tasks.base.Task` the trainer builds, ``task(config,
-            device)``.
+        task: The :class:`Task` the trainer builds, ``task(config, device)``.
         runs: The runs the results command trains, in table order: run name -> config as JSON
             would hold it, without ``experiment`` (this one) and ``out_dir`` (``runs/<run>``).
-            Run names are unique over all experiments; ``python -m experiments.train RUN``
-            trains one.
+            A run's name is ``name`` or starts with ``name + "_"``, so names are unique over all
+            experiments; ``python -m experiments.train RUN`` trains one.
         row: The results table's first five cells of a run, from its ``metrics.json``: what
             was run, the metric, the hypernetwork's value, direct training's, the reference.
         verdict: The cell "hypernetwork within 10% of direct", from a run's metrics.
@@ -93,6 +186,12 @@ class Experiment:
             )
         if not (isinstance(self.task, type) and issubclass(self.task, Task)):
             raise TypeError(f"experiment {self.name!r}: task must be a Task subclass")
+        misnamed = [r for r in self.runs if r != self.name and not r.startswith(self.name + "_")]
+        if misnamed:
+            raise ValueError(
+                f"experiment {self.name!r}: a run's name is the experiment's or starts with "
+                f"{self.name + '_'!r} (so that a run finds its experiment), got {misnamed}"
+            )
         module = sys.modules.get(self.task.__module__)
         doc = self.summary or (getattr(module, "__doc__", None) or self.task.__doc__ or "")
         object.__setattr__(self, "__doc__", doc.strip().split("\n\n", 1)[0])

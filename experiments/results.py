@@ -3,12 +3,15 @@ hypernetwork metric beside direct training and the ground truth, with its plot.
 
     python -m experiments.results                 # runs into runs/results, writes docs/results/
     python -m experiments.results --readme        # ... and rewrites the table in README.md
+    python -m experiments.results --tables-only --readme   # the tables from the last metrics.json
 
 The runs are those of every registered experiment (``Experiment.runs``, in
 ``experiments/tasks/<name>.py``), each row from its experiment's ``row``. Finished runs in
 ``--out`` are reused (interrupted ones are resumed), so the command can be re-run after a stop.
 Plots are copied to ``docs/results/<name>.png``; the table goes to ``docs/results/results.md``
-and, with ``--readme``, between the README's results markers.
+(below the run's provenance: commit, torch, threads, command, date) and, with ``--readme``, a
+short form of it (one line per run: its metric, the hypernetwork, direct training, the verdict)
+between the README's results markers.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from typing import Any
 
 from experiments.config import load_run
 from experiments.registry import experiment_of, run_names
+from experiments.studies import header
 from experiments.train import train
 
-__all__ = ["run_all", "table"]
+__all__ = ["run_all", "short_table", "table"]
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -82,6 +86,20 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def short_table(results: dict[str, dict[str, Any]]) -> str:
+    r"""The README's form of the table: one line per run, without references and plots."""
+    lines = [
+        "| run | metric | hypernetwork | direct | within 10% of direct |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, m in results.items():
+        experiment = experiment_of(name)
+        _, metric, hyper, direct, _ = experiment.row(m)
+        verdict = experiment.verdict(m)
+        lines.append(f"| `{name}` | {metric} | {hyper} | {direct} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/results"))
@@ -89,16 +107,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", default=runs, choices=runs)
     parser.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="train nothing: rewrite the tables from the --docs folder's metrics.json",
+    )
     args, overrides = parser.parse_known_args(argv)
     total = time.perf_counter()
-    results = run_all(args.out, args.only, overrides)
     args.docs.mkdir(parents=True, exist_ok=True)
-    for name in results:
-        plot = args.out / name / f"{experiment_of(name).name}.png"
-        shutil.copyfile(plot, args.docs / f"{name}.png")
+    if args.tables_only:
+        results = json.loads((args.docs / "metrics.json").read_text())
+    else:
+        results = run_all(args.out, args.only, overrides)
+        for name in results:
+            plot = args.out / name / f"{experiment_of(name).name}.png"
+            shutil.copyfile(plot, args.docs / f"{name}.png")
+        (args.docs / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
     text = table(results)
-    (args.docs / "results.md").write_text(text)
-    (args.docs / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.docs / "results.md").write_text(header() + "\n" + text)
     if args.readme:
         readme = ROOT / "README.md"
         content = readme.read_text()
@@ -106,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"README.md lacks the markers {BEGIN} and {END}")
         before, rest = content.split(BEGIN, 1)
         after = rest.split(END, 1)[1]
-        readme.write_text(before + BEGIN + "\n" + text + END + after)
+        readme.write_text(before + BEGIN + "\n" + short_table(results) + END + after)
     print(text)
     print(f"total: {time.perf_counter() - total:.0f} s")
 

@@ -10,27 +10,11 @@ trained directly, then evaluates both against the ground truth.
 
 Reads top to bottom: config -> run folder checked -> task (data, downstream, evaluation) ->
 models -> optimizers -> (resume) -> run folder claimed -> training loop with checkpoints ->
-evaluation, plots, metrics.
+evaluation, plots, metrics -> the run folder's name, printed last.
 
-The run folder (``out_dir``) gets ``config.json`` (the resolved config, itself a config file),
-``checkpoint.pt`` (which records the config too), ``metrics.json`` and PNG plots. A non-empty
-``out_dir`` is never reused, except
-
-* with ``--resume=true``, which continues its run exactly where its last checkpoint left it:
-  ``python -m experiments.train runs/gmm-1/config.json --resume=true``, or the first command
-  again with ``--resume=true``; a checkpoint written by another run (another config) is refused;
-* by the same run when it stopped before its first checkpoint (the folder holds its
-  ``config.json`` alone): the run starts over. So ``torchrun --max-restarts`` recovers at any
-  moment: it resumes from the last checkpoint, or starts over.
-
-A run folder may be moved or copied (``cp -r runs/gmm /mnt/other/gmm``): where it lies is no
-part of its run, so ``--out_dir=/mnt/other/gmm --resume=true`` continues it there, exactly,
-and its ``config.json`` then names its new place.
-
-The folder is made and ``config.json`` written only once the run has started (its data, models
-and checkpoint loaded): a run that fails at start-up leaves nothing behind. Every file is
-written atomically (:func:`~experiments.checkpoint.write_atomic`); a full disk stops the run
-with a message that says so, the previous checkpoint intact.
+Which run folder a run may take, and what it holds: :mod:`experiments.runs`; what a checkpoint
+holds: :mod:`experiments.checkpoint`; the optimizer: :mod:`experiments.common.fit`; what
+changes under torchrun: :mod:`experiments.distributed`.
 """
 
 from __future__ import annotations
@@ -50,156 +34,33 @@ from tqdm import tqdm
 
 from experiments.checkpoint import (
     check_config,
+    checkpoint_state,
     load_checkpoint,
-    rng_state,
+    restore_state,
     save_checkpoint,
-    set_rng_state,
-    write_atomic,
 )
+from experiments.common.fit import CosineAdam, mean_loss
 from experiments.config import Config, config_to_dict, load
 from experiments.distributed import (
     barrier,
     init_processes,
     local_share,
     mean_over_ranks,
-    rank_rng_states,
     report_failure,
     seed_per_rank,
-    set_rank_rng_state,
     unsharded,
 )
+from experiments.experiment import Task
 from experiments.registry import build_task, run_names
-from experiments.tasks.base import Task, lr_factor, mean_loss
+from experiments.runs import RESUMABLE, check_out_dir, claim_out_dir, started_only, write_json
 from torchhyper import HyperNetwork
-from torchhyper.distributed import (
-    GlobalMax,
-    GlobalMean,
-    GlobalSum,
-    cleanup,
-    full_state_dict,
-    load_full_state_dict,
-    wrap,
-)
+from torchhyper.distributed import GlobalMax, GlobalMean, GlobalSum, cleanup, wrap
 from torchhyper.heads import HEADS
 
 __all__ = ["train", "main"]
 
-# Fields that may differ between a run and its resumption; out_dir, as a run folder may be
-# moved or copied and resumed where it is now.
-_RESUMABLE = {"resume", "device", "threads", "distributed", "out_dir"}
 # config.pool -> the pool over every rank's share of a set, for global_pool=true.
 GLOBAL_POOLS = {"mean": GlobalMean, "sum": GlobalSum, "max": GlobalMax}
-
-
-def write_json(path: Path, data: Any) -> None:
-    r"""Writes JSON atomically (:func:`~experiments.checkpoint.write_atomic`)."""
-    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode(), path.name)
-
-
-# What a run folder holds before the run's first checkpoint: its config, and maybe the
-# temporary file of a write that was cut short.
-_STARTED = {"config.json", "config.json.tmp", "checkpoint.pt.tmp"}
-
-
-def _changed(saved: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
-    """The fields of two resolved configs that differ, but for those a resumed run may change."""
-    return sorted(
-        k
-        for k in set(saved) | set(resolved)
-        if k not in _RESUMABLE and saved.get(k) != resolved.get(k)
-    )
-
-
-def _saved_config(out: Path) -> dict[str, Any] | None:
-    try:
-        saved = json.loads((out / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return saved if isinstance(saved, dict) else None
-
-
-def started_only(out: Path) -> bool:
-    r"""Whether ``out`` holds a run that stopped before its first checkpoint: its
-    ``config.json`` and nothing else of value (see ``_STARTED``)."""
-    if not out.is_dir():
-        return False
-    names = {p.name for p in out.iterdir()}
-    return "config.json" in names and names <= _STARTED
-
-
-def check_out_dir(config: Config) -> Path:
-    r"""Checks, before anything is built or written, that the run may use its folder.
-
-    A new run takes a folder that is absent or empty, or that holds the start of the same run
-    (its ``config.json`` alone: a run that stopped before its first checkpoint, which starts
-    over). A resumed run takes the folder of a run with the same config (but for
-    ``_RESUMABLE``, which holds ``out_dir``: the folder may have been moved since). Writes
-    nothing: :func:`claim_out_dir` does, once the run has started.
-
-    Raises:
-        FileExistsError: A new run's folder holds anything else.
-        FileNotFoundError: A resumed run's folder has no ``config.json``.
-        ValueError: A resumed run's config differs from the saved one.
-    """
-    out = Path(config.out_dir)
-    resolved = config_to_dict(config)
-    if config.resume:
-        saved_path = out / "config.json"
-        if not saved_path.is_file():
-            raise FileNotFoundError(
-                f"cannot resume: {str(saved_path)!r} does not exist (no run in {str(out)!r}); "
-                "if its run folder was moved, pass where it is now: --out_dir=NEW_PATH"
-            )
-        saved = json.loads(saved_path.read_text())
-        changed = _changed(saved, resolved)
-        if changed:
-            raise ValueError(
-                f"cannot resume the run in {str(out)!r}: its config differs in {changed}; "
-                f"only {sorted(_RESUMABLE)} may change when resuming"
-            )
-        return out
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"out_dir {str(out)!r} exists and is not a folder; choose a new one")
-    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    if names - (_STARTED - {"config.json"}):  # more than what a cut-short write leaves
-        saved = _saved_config(out) if started_only(out) else None
-        if saved is not None and not _changed(saved, resolved):
-            # This very run, stopped before its first checkpoint (a torchrun restart, or by
-            # hand): nothing to lose, it starts over.
-            print(
-                f"{str(out)!r} holds this run, stopped before its first checkpoint: it starts over",
-                file=sys.stderr,
-            )
-            return out
-        detail = (
-            f" (it holds only the config.json of a run that stopped before its first "
-            f"checkpoint, with another config: differs in {_changed(saved, resolved)})"
-            if saved is not None
-            else ""
-        )
-        raise FileExistsError(
-            f"out_dir {str(out)!r} already exists and is not empty{detail}; choose a new "
-            "out_dir, or pass --resume=true to continue the run saved there"
-        )
-    return out
-
-
-def claim_out_dir(config: Config) -> Path:
-    r"""Makes the run folder and writes the resolved ``config.json`` (a resumed run keeps its
-    own, but for its ``out_dir``, set to where the folder is now); removes the temporary files
-    of writes that a stopped run cut short. Call :func:`check_out_dir` first."""
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in _STARTED - {"config.json"}:
-        (out / name).unlink(missing_ok=True)
-    if not config.resume:
-        write_json(out / "config.json", config_to_dict(config))
-        return out
-    saved = _saved_config(out)
-    if saved is not None and saved.get("out_dir") != config.out_dir:
-        # The folder was moved or copied: its config file, itself a config, resumes it here.
-        write_json(out / "config.json", {**saved, "out_dir": config.out_dir})
-    return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -255,29 +116,34 @@ def build_models(
     return hypernetwork.to(device), direct.to(device)
 
 
+def param_groups(config: Config, hypernetwork: nn.Module) -> list[dict[str, Any]]:
+    r"""The hypernetwork's parameters at ``lr``, but for its base (the downstream's values,
+    copied), at ``direct_lr``: the rate the downstream trains at directly, as
+    ``HyperNetwork``'s docstring advises."""
+    inner = getattr(hypernetwork, "module", hypernetwork)  # DDP wraps it
+    own = getattr(inner, "base", None)
+    base = list(own.parameters()) if isinstance(own, nn.Module) else []
+    ids = {id(p) for p in base}
+    groups = [
+        {"params": [p for p in hypernetwork.parameters() if id(p) not in ids], "lr": config.lr}
+    ]
+    return groups + [{"params": base, "lr": config.direct_lr}] if base else groups
+
+
 def build_optimizers(
     config: Config, hypernetwork: nn.Module, direct: nn.ModuleList
-) -> dict[str, Any]:
-    r"""Adam for each model, with a cosine decay to 0 over ``steps`` (or a constant rate).
-
-    The hypernetwork's base (``bases``: the downstream's values, copied) trains at
-    ``direct_lr``, the rate the downstream trains at directly, as ``HyperNetwork``'s docstring
-    advises; the rest of the hypernetwork at ``lr``."""
-
-    named = list(hypernetwork.named_parameters())  # under DDP the names start with "module."
-    base = [p for n, p in named if "bases" in n.split(".")]
-    rest = [p for n, p in named if "bases" not in n.split(".")]
-    groups = [{"params": rest, "lr": config.lr}]
-    if base:
-        groups.append({"params": base, "lr": config.direct_lr})
-    optimizers = {"hypernetwork": torch.optim.Adam(groups, lr=config.lr)}
+) -> dict[str, CosineAdam]:
+    r"""A :class:`~experiments.common.fit.CosineAdam` for each model, over ``steps`` (constant
+    rates with ``cosine=false``): the hypernetwork's (:func:`param_groups`), and the direct
+    copies' at ``direct_lr``."""
+    steps, cosine = config.steps, config.cosine
+    groups = param_groups(config, hypernetwork)
+    optimizers = {"hypernetwork": CosineAdam(groups, lr=config.lr, steps=steps, cosine=cosine)}
     if len(direct):
-        optimizers["direct"] = torch.optim.Adam(direct.parameters(), lr=config.direct_lr)
-    schedulers = {
-        k: torch.optim.lr_scheduler.LambdaLR(o, functools.partial(lr_factor, config))
-        for k, o in optimizers.items()
-    }
-    return {"optimizers": optimizers, "schedulers": schedulers}
+        optimizers["direct"] = CosineAdam(
+            direct.parameters(), lr=config.direct_lr, steps=steps, cosine=cosine
+        )
+    return optimizers
 
 
 def train_step(
@@ -285,7 +151,7 @@ def train_step(
     task: Task,
     hypernetwork: nn.Module,  # maybe wrapped (DDP, FSDP2)
     direct: nn.ModuleList,
-    optim: dict[str, Any],
+    optimizers: dict[str, CosineAdam],
     generator: torch.Generator,
 ) -> dict[str, float]:
     r"""One optimizer step of each model on ``sets_per_step`` sets drawn from the task.
@@ -303,69 +169,7 @@ def train_step(
         losses["direct"] = mean_loss(
             [task.loss(dict(direct[k].named_parameters()), batch) for k, batch in sets]
         )
-    for name, loss in losses.items():
-        optim["optimizers"][name].zero_grad(set_to_none=True)
-        loss.backward()
-        optim["optimizers"][name].step()
-        optim["schedulers"][name].step()
-    return {k: v.item() for k, v in losses.items()}
-
-
-def checkpoint_state(
-    step: int,
-    hypernetwork: nn.Module,
-    direct: nn.ModuleList,
-    optim: dict[str, Any],
-    history: dict[str, list[float]],
-    generator: torch.Generator,
-    *,
-    config: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    r"""Everything a resumed run needs to continue bit-identically after ``step`` steps, and
-    the resolved ``config`` of the run it belongs to.
-
-    Every rank calls it (the hypernetwork's state is gathered unsharded, whatever the wrapper);
-    rank 0's is complete and is the one saved.
-    """
-    full = full_state_dict(hypernetwork, optim["optimizers"]["hypernetwork"])  # a collective
-    return {
-        "config": config,
-        "step": step,
-        "models": {"hypernetwork": full["model"], "direct": direct.state_dict()},
-        "optimizers": {
-            k: full["optimizer"] if k == "hypernetwork" else o.state_dict()
-            for k, o in optim["optimizers"].items()
-        },
-        "schedulers": {k: s.state_dict() for k, s in optim["schedulers"].items()},
-        "history": history,
-        "rng": rng_state(generator),
-        "rng_ranks": rank_rng_states(),
-    }
-
-
-def restore_state(
-    checkpoint: dict[str, Any],
-    hypernetwork: nn.Module,
-    direct: nn.ModuleList,
-    optim: dict[str, Any],
-    generator: torch.Generator,
-) -> tuple[int, dict[str, list[float]]]:
-    r"""Loads what :func:`checkpoint_state` saved; returns the step and the loss history."""
-    full = {
-        "model": checkpoint["models"]["hypernetwork"],
-        "optimizer": checkpoint["optimizers"]["hypernetwork"],
-    }
-    load_full_state_dict(hypernetwork, full, optim["optimizers"]["hypernetwork"])
-    if len(direct):
-        direct.load_state_dict(checkpoint["models"]["direct"])
-    for k, o in optim["optimizers"].items():
-        if k != "hypernetwork":
-            o.load_state_dict(checkpoint["optimizers"][k])
-    for k, s in optim["schedulers"].items():
-        s.load_state_dict(checkpoint["schedulers"][k])
-    set_rng_state(checkpoint["rng"], generator)
-    set_rank_rng_state(checkpoint)
-    return checkpoint["step"], checkpoint["history"]
+    return {name: optimizers[name].step(loss).item() for name, loss in losses.items()}
 
 
 def train(config: Config) -> dict[str, Any]:
@@ -387,10 +191,10 @@ def train(config: Config) -> dict[str, Any]:
     model = wrap(hypernetwork, strategy=config.distributed)  # as is with one process
     if not process.is_main:
         direct = nn.ModuleList()  # the directly trained baseline is rank 0's
-    optim = build_optimizers(config, hypernetwork, direct)
+    optimizers = build_optimizers(config, hypernetwork, direct)
     seed_per_rank(config, process)
     generator = torch.Generator().manual_seed(config.seed)  # draws the training sets
-    history: dict[str, list[float]] = {k: [] for k in optim["optimizers"]}
+    history: dict[str, list[float]] = {k: [] for k in optimizers}
     first = 0
     path = out / "checkpoint.pt"
     if config.resume and not path.is_file() and started_only(out):
@@ -399,9 +203,9 @@ def train(config: Config) -> dict[str, Any]:
             print(f"no checkpoint in {str(out)!r} yet: the run starts over", file=sys.stderr)
     elif config.resume:
         checkpoint = load_checkpoint(path, map_location=device)
-        check_config(checkpoint, path, resolved, _RESUMABLE)
+        check_config(checkpoint, path, resolved, RESUMABLE)
         try:
-            first, history = restore_state(checkpoint, model, direct, optim, generator)
+            first, history = restore_state(checkpoint, model, direct, optimizers, generator)
         except (RuntimeError, ValueError, KeyError, TypeError) as error:
             raise ValueError(
                 f"checkpoint {str(path)!r} does not fit this run's models (written by another "
@@ -422,14 +226,14 @@ def train(config: Config) -> dict[str, Any]:
     )
     with report_failure(out / "checkpoint.pt"):
         for step in bar:
-            losses = train_step(config, task, model, direct, optim, generator)
+            losses = train_step(config, task, model, direct, optimizers, generator)
             losses["hypernetwork"] = mean_over_ranks(losses["hypernetwork"])
             for k, v in losses.items():
                 history[k].append(v)
             bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 state = checkpoint_state(
-                    step + 1, model, direct, optim, history, generator, config=resolved
+                    step + 1, model, direct, optimizers, history, generator, config=resolved
                 )
                 if process.is_main:
                     save_checkpoint(out / "checkpoint.pt", state)
@@ -439,7 +243,7 @@ def train(config: Config) -> dict[str, Any]:
     # Free the wrapped model (DDP and FSDP2 hold the process group and its gloo threads) while
     # the interpreter is alive: left to the interpreter's exit, a rank can abort with
     # "terminate called without an active exception" (seen once in CI on a 2-rank FSDP2 run).
-    del model, hypernetwork, optim
+    del model, hypernetwork, optimizers
     gc.collect()
     cleanup()
     if not process.is_main:
@@ -460,8 +264,9 @@ def train(config: Config) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     r"""The command: trains the config of ``RUN`` or ``CONFIG.json`` with ``--key=value``
-    overrides and returns its metrics; with ``--print-config``, prints the resolved config as
-    JSON (a config file :func:`~experiments.config.load_config` reads back) and returns it."""
+    overrides, prints its metrics and then its run folder's name and files, and returns the
+    metrics; with ``--print-config``, prints the resolved config as JSON (a config file
+    :func:`~experiments.config.load_config` reads back) and returns it."""
     args = sys.argv[1:] if argv is None else list(argv)
     print_config = "--print-config" in args
     args = [a for a in args if a != "--print-config"]
@@ -478,11 +283,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return resolved
     metrics = train(config)
     if metrics:  # rank 0's (other ranks return none)
-        print(
-            json.dumps(
-                {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2
-            )
-        )
+        shown = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+        print(json.dumps(shown, indent=2))
+        files = ", ".join(sorted(p.name for p in Path(config.out_dir).iterdir()))
+        print(f"run folder: {config.out_dir} ({files})", flush=True)
     return metrics
 
 

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(
 from test_experiments import TINY as SMOKE  # noqa: E402
 
 from experiments import train as trainer  # noqa: E402
+from experiments.common.class_ddpm import class_ddpm, class_loss, train_class_ddpm  # noqa: E402
 from experiments.config import load_run  # noqa: E402
 from experiments.registry import build_task, experiment_of  # noqa: E402
 
@@ -33,37 +34,38 @@ def run(out: Path, *extra: str) -> dict:
     return trainer.main(["ddpm", f"--out_dir={out}", *TINY, *extra])
 
 
-def test_class_unet_is_the_downstream_plus_a_class_embedding_and_it_learns():
+def test_class_ddpm_is_the_downstream_plus_a_class_embedding_and_it_learns():
     config = load_run("ddpm", ["--out_dir=unused", *TINY, "--steps=3", "--direct_lr=0.01"])
     task = build_task(config, torch.device("cpu"))
-    unet = task.class_unet()
+    model = class_ddpm(task)  # torchhyper.zoo.DDPM(num_classes=10), not a second trainer
+    assert type(model) is type(task.downstream) and model.num_classes == 10
     expected = {k: v for k, v in task.downstream.unet.config.items() if not k.startswith("_")}
     assert {**expected, "num_class_embeds": 10} == {
-        k: v for k, v in unet.config.items() if not k.startswith("_")
+        k: v for k, v in model.unet.config.items() if not k.startswith("_")
     }
     # It starts where the direct UNets start (copies of the downstream), but for its embedding.
-    template = task.downstream.unet.state_dict()
-    state = unet.state_dict()
-    assert set(state) - set(template) == {"class_embedding.weight"}
+    template = task.downstream.state_dict()
+    state = model.state_dict()
+    assert set(state) - set(template) == {"unet.class_embedding.weight"}
     assert all(torch.equal(template[k], state[k]) for k in template)
-    assert state["class_embedding.weight"].shape == (10, 4 * 8)
+    assert state["unet.class_embedding.weight"].shape == (10, 4 * 8)
 
     # Gradients reach the embedding rows of the classes in the batch, and only those.
     batch = [(1, task.sets.train(1)[:4]), (7, task.sets.train(7)[:4])]
-    task.class_loss(unet, batch).backward()
-    grad = unet.class_embedding.weight.grad
-    assert grad[1].abs().sum() > 0 and grad[7].abs().sum() > 0
-    assert grad[[0, 2, 3, 4, 5, 6, 8, 9]].abs().sum() == 0
-    unet.zero_grad(set_to_none=True)
+    class_loss(model, batch).backward()
+    embedding = model.unet.class_embedding.weight
+    assert embedding.grad[1].abs().sum() > 0 and embedding.grad[7].abs().sum() > 0
+    assert embedding.grad[[0, 2, 3, 4, 5, 6, 8, 9]].abs().sum() == 0
+    model.zero_grad(set_to_none=True)
 
-    before = unet.class_embedding.weight.detach().clone()
-    losses = task.train_class_unet(unet)
+    before = embedding.detach().clone()
+    losses = train_class_ddpm(task, model)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     drawn = set()
     generator = torch.Generator().manual_seed(config.seed)  # the trainer's draws, replayed
     for _ in range(config.steps * config.sets_per_step):
         drawn.add(task.sample(generator)[0])
-    moved = (unet.class_embedding.weight.detach() - before).abs().sum(1) > 0
+    moved = (embedding.detach() - before).abs().sum(1) > 0
     assert {k for k in range(10) if moved[k]} == drawn
 
 

@@ -6,6 +6,8 @@ import importlib.util
 import inspect
 import json
 import shutil
+import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,10 +18,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import experiments.tasks  # noqa: E402
 from experiments import EXPERIMENTS, registry  # noqa: E402
 from experiments import train as trainer  # noqa: E402
+from experiments.common.data import load_mnist, read_idx  # noqa: E402
 from experiments.config import config_from_dict, config_to_dict, load, load_config, load_run  # noqa: E402
-from experiments.data import load_mnist, read_idx  # noqa: E402
 
 needs_diffusers = pytest.mark.skipif(
     importlib.util.find_spec("diffusers") is None, reason="needs diffusers"
@@ -62,7 +65,7 @@ TINY = {
         "--head=chunked",
         "--task.block_out_channels=[8,16]",
         "--task.norm_num_groups=4",
-        "--task.timesteps=20",
+        "--task.num_train_timesteps=20",
         "--task.sample_steps=2",
         "--task.samples_per_class=2",
         "--task.classifier_steps=3",
@@ -116,6 +119,8 @@ def test_a_run_printed_as_json_loads_back_to_the_same_config(tmp_path, capsys):
     # A config file trains, and its run folder's config.json is again a config file.
     out = tmp_path / "from-json"
     trainer.main([str(tmp_path / "gmm.json"), f"--out_dir={out}", *TINY["gmm"]])
+    last = capsys.readouterr().out.strip().splitlines()[-1]  # the command ends with its folder
+    assert last == f"run folder: {out} (checkpoint.pt, config.json, gmm.png, metrics.json)"
     saved = load_config(out / "config.json")
     assert config_to_dict(saved) == config_to_dict(
         load_run("gmm", [f"--out_dir={out}", *TINY["gmm"]])
@@ -217,9 +222,10 @@ def test_bad_flow_and_digit_task_values(tmp_path):
     with pytest.raises(ValueError, match=r"config.task \(flow\).variances must all be > 0"):
         load_run("flow", ["--task.variances=[1,2,3,4,5,6,7,8,9,10,11,-12]"])
     with pytest.raises(
-        ValueError, match=r"model_hidden must be a non-empty list of positive ints, got \[\]"
+        ValueError,
+        match=r"config.task \(vae\).hidden_sizes must be a non-empty list of positive ints, got",
     ):
-        load_run("vae", ["--task.model_hidden=[]"])
+        load_run("vae", ["--task.hidden_sizes=[]"])
     with pytest.raises(ValueError, match=r"data_path must name MNIST's .npz file or IDX folder"):
         load_run("vae", ["--task.dataset=mnist"])
     with pytest.raises(FileNotFoundError, match="config file .*nope.json' does not exist"):
@@ -227,6 +233,41 @@ def test_bad_flow_and_digit_task_values(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="is not valid JSON"):
         load_config(tmp_path / "broken.json")
+
+
+def test_a_renamed_key_of_an_earlier_config_is_read_under_its_new_name(tmp_path):
+    data = EXPERIMENTS["vae"].run_config("vae")
+    data["task"]["model_hidden"] = data["task"].pop("hidden_sizes")  # as 0.3 wrote it
+    renamed = r"config.task \(vae\).model_hidden is now config.task \(vae\).hidden_sizes"
+    with pytest.warns(UserWarning, match=renamed):
+        config = load_config(write(tmp_path, data))
+    assert config.task.hidden_sizes == [128] and config_to_dict(config) == config_to_dict(
+        load_run("vae")
+    )
+    data["task"]["hidden_sizes"] = [64]
+    with pytest.raises(ValueError, match=r"both \['model_hidden'\] and their new names"):
+        load_config(write(tmp_path, data))
+    # The old command-line flags too: an override under the old name sets the new one.
+    with pytest.warns(UserWarning, match=r"--task.model_hidden is now --task.hidden_sizes"):
+        assert load_run("vae", ["--task.model_hidden=[64]"]).task.hidden_sizes == [64]
+    with pytest.warns(UserWarning, match=r"--task.timesteps is now --task.num_train_timesteps"):
+        assert load_run("ddpm", ["--task.timesteps=500"]).task.num_train_timesteps == 500
+
+
+def test_a_run_folder_of_an_earlier_version_resumes(tmp_path):
+    out = tmp_path / "run"
+    metrics = run("vae", out)
+    # Its config.json and checkpoint as 0.3 wrote them: the VAE's widths under model_hidden.
+    config = json.loads((out / "config.json").read_text())
+    config["task"]["model_hidden"] = config["task"].pop("hidden_sizes")
+    (out / "config.json").write_text(json.dumps(config))
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    checkpoint["config"] = config
+    torch.save(checkpoint, out / "checkpoint.pt")
+    with pytest.warns(UserWarning, match="model_hidden is now"):
+        assert run("vae", out, "--resume=true") == metrics  # finished: evaluated again
+    with pytest.warns(UserWarning, match="model_hidden is now"):
+        assert trainer.main([str(out / "config.json"), "--resume=true"]) == metrics
 
 
 # Adding an experiment: one module ---------------------------------------------------------------
@@ -238,11 +279,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from experiments.config import check_positive
-from experiments.experiment import Experiment, number
-from experiments.tasks.base import Task, within
+from experiments.experiment import Experiment, Task, number, within
 
 
 @dataclass
@@ -256,7 +295,8 @@ class LineConfig:
 
 class LineTask(Task):
     def __init__(self, config, device):
-        self.config, self.downstream = config, nn.Linear(1, 1).requires_grad_(False)
+        super().__init__(config, device)
+        self.downstream = nn.Linear(1, 1).requires_grad_(False)
         self.input_dim, self.num_datasets = 2, 1
 
     def sample(self, generator):
@@ -265,7 +305,7 @@ class LineTask(Task):
         return 0, torch.cat([x, self.config.task.slope * x + noise], 1)
 
     def loss(self, params, batch):
-        y = functional_call(self.downstream, params, (batch[:, :1],))
+        y = torch.func.functional_call(self.downstream, params, (batch[:, :1],))
         return (y - batch[:, 1:]).square().mean()
 
     def evaluate(self, hypernetwork, direct, history, out):
@@ -287,17 +327,24 @@ EXPERIMENT = Experiment(
 '''
 
 
-def test_a_new_experiment_is_one_module(tmp_path, monkeypatch):
-    package = tmp_path / "more_experiments"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "helper.py").write_text("X = 1\n")  # no EXPERIMENT: a helper, skipped
-    (package / "line.py").write_text(LINE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    found = registry.discover("more_experiments")
-    assert list(found) == ["line"]
+@pytest.fixture
+def more_tasks(tmp_path, monkeypatch):
+    """A folder searched as a part of experiments/tasks/: a module there is an experiment."""
+    folder = tmp_path / "more_tasks"
+    folder.mkdir()
+    monkeypatch.setattr(experiments.tasks, "__path__", [*experiments.tasks.__path__, str(folder)])
+    yield folder
+    for name in [m for m in sys.modules if m.startswith("experiments.tasks.")]:
+        if str(folder) in (getattr(sys.modules[name], "__file__", None) or ""):
+            del sys.modules[name]
+
+
+def test_a_new_experiment_is_one_module(tmp_path, more_tasks):
+    (more_tasks / "helper.py").write_text("X = 1\n")  # no EXPERIMENT: a helper, skipped
+    (more_tasks / "line.py").write_text(LINE)
+    found = registry.discover()
+    assert list(found) == [*EXPERIMENTS, "line"]
     assert found["line"].__doc__.startswith("Line: a hypernetwork reads points")  # for the docs
-    monkeypatch.setattr(registry, "EXPERIMENTS", {**EXPERIMENTS, **found})  # as if in tasks/
 
     # Its config: the registry's names, its task fields and their validation.
     config = config_from_dict({"experiment": "line", "out_dir": str(tmp_path / "a")})
@@ -310,10 +357,10 @@ def test_a_new_experiment_is_one_module(tmp_path, monkeypatch):
     # Built and trained by the trainer's own functions, then by its command, then tabulated.
     task = registry.build_task(config, torch.device("cpu"))
     hypernetwork, direct = trainer.build_models(config, task, torch.device("cpu"))
-    optim = trainer.build_optimizers(config, hypernetwork, direct)
+    optimizers = trainer.build_optimizers(config, hypernetwork, direct)
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
-        losses = trainer.train_step(config, task, hypernetwork, direct, optim, generator)
+        losses = trainer.train_step(config, task, hypernetwork, direct, optimizers, generator)
         assert all(np.isfinite(v) for v in losses.values())
     metrics = trainer.main(["line", f"--out_dir={tmp_path / 'b'}", "--checkpoint_every=2"])
     assert metrics["experiment"] == "line" and (tmp_path / "b" / "checkpoint.pt").is_file()
@@ -323,14 +370,64 @@ def test_a_new_experiment_is_one_module(tmp_path, monkeypatch):
     assert row.startswith("| Line | MSE |") and "| 3 | 1 |" in row
 
 
+def test_an_experiment_module_is_named_as_its_experiment_and_its_runs(more_tasks):
+    (more_tasks / "lines.py").write_text(LINE)  # declares "line" in lines.py
+    with pytest.raises(ValueError, match="defines experiment 'line': an experiment's module is"):
+        registry.discover()
+    with pytest.raises(ValueError, match=r"starts with 'gmm_' .*got \['line'\]"):
+        dataclasses.replace(EXPERIMENTS["gmm"], runs={"gmm": {}, "line": {}})
+
+
 def test_registry_refuses_clashing_names():
     gmm = EXPERIMENTS["gmm"]
+    amortized = dataclasses.replace(gmm, name="gmm_amortized", runs={"gmm_amortized": {}})
     with pytest.raises(
-        ValueError, match="run 'gmm' of experiment 'gmm2' is already a run of 'gmm'"
+        ValueError, match="run 'gmm_amortized' of experiment 'gmm_amortized' is already a run of"
     ):
-        registry.registry([gmm, dataclasses.replace(gmm, name="gmm2")])
+        registry.registry([gmm, amortized])
     with pytest.raises(ValueError, match="two experiments are named 'gmm'"):
         registry.registry([gmm, dataclasses.replace(gmm, runs={})])
+
+
+def test_a_run_imports_its_own_experiment_alone(tmp_path):
+    # In a fresh interpreter, the modules a GMM run has imported when its evaluation starts, and
+    # when it ends: no other experiment, nor the digits, the judge, diffusers or scipy. Its
+    # evaluation then imports scikit-learn for its EM baseline, and scipy with it.
+    code = f"""
+import json, sys
+from experiments import train
+from experiments.tasks.gmm import GMMTask
+
+def imported():
+    mine = [m for m in sys.modules if m.split(".")[0] == "experiments"]
+    return sorted(mine + [m for m in ("diffusers", "scipy", "sklearn") if m in sys.modules])
+
+finish, seen = GMMTask.finish, []
+GMMTask.finish = lambda *args: seen.append(imported()) or finish(*args)
+train.main(["gmm", "--out_dir={tmp_path / "run"}", *{TINY["gmm"]!r}])
+print(json.dumps([seen[0], imported()]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, after = json.loads(done.stdout.strip().splitlines()[-1])
+    assert before == [
+        "experiments",
+        "experiments.checkpoint",
+        "experiments.common",
+        "experiments.common.fit",
+        "experiments.common.plots",
+        "experiments.config",
+        "experiments.distributed",
+        "experiments.experiment",
+        "experiments.registry",
+        "experiments.runs",
+        "experiments.tasks",
+        "experiments.tasks.gmm",
+        "experiments.train",
+    ]
+    assert after == sorted([*before, "scipy", "sklearn"])  # the EM baseline's
 
 
 # Smoke runs -----------------------------------------------------------------------------------
@@ -349,6 +446,8 @@ def test_each_experiment_runs_and_writes_metrics_and_plots(tmp_path, name):
     numbers = [v for k, v in saved.items() if isinstance(v, float)]
     assert numbers and all(np.isfinite(numbers))
     assert (out / PLOTS[experiment]).stat().st_size > 1000
+    width, height = struct.unpack(">II", (out / PLOTS[experiment]).read_bytes()[16:24])
+    assert width >= 1000, f"{PLOTS[experiment]} is {width}x{height} pixels"
     assert json.loads((out / "config.json").read_text())["out_dir"] == str(out)
     assert (out / "checkpoint.pt").is_file() and not list(out.glob("*.tmp"))
 
@@ -521,14 +620,17 @@ def test_results_command_tabulates_runs_and_reuses_finished_ones(tmp_path):
     ]
     results.main(args)
     text = (tmp_path / "docs" / "results.md").read_text()
-    assert (
-        text.startswith("| experiment | metric | hypernetwork | direct |")
-        and "docs/results/gmm.png" in text
-    )
+    provenance, table = text.split("\n\n", 1)  # how it was made, then the table
+    assert "- command: `python" in provenance and "- commit: " in provenance
+    assert table.startswith("| experiment | metric | hypernetwork | direct |")
+    assert "docs/results/gmm.png" in table
     assert (tmp_path / "docs" / "gmm.png").is_file()
     before = (tmp_path / "runs" / "gmm" / "metrics.json").stat().st_mtime_ns
     results.main(args)  # a finished run is reused, not retrained or overwritten
     assert (tmp_path / "runs" / "gmm" / "metrics.json").stat().st_mtime_ns == before
+    results.main([*args[:4], "--tables-only"])  # the tables again, from the saved metrics
+    again = (tmp_path / "docs" / "results.md").read_text()
+    assert again.split("\n\n", 1)[1] == table
 
 
 def test_out_of_range_flow_is_evaluated_beyond_its_training_variances(tmp_path):
@@ -553,3 +655,26 @@ def test_cnn_encoder_reads_the_digit_sets_as_images(tmp_path):
     assert np.isfinite(metrics["elbo_hypernetwork"])
     with pytest.raises(ValueError, match="encoder='cnn' needs image examples"):
         run("gmm_amortized", tmp_path / "gmm", "--encoder=cnn")
+
+
+@pytest.mark.parametrize("study", ["ddpm_gap", "fd_noise", "set_encoding"])
+def test_each_study_runs_as_a_module_of_the_experiments(study):
+    # Beside the experiments, its results in the docs; no sys.path edits; its command as typed.
+    path = ROOT / "experiments" / "studies" / f"{study}.py"
+    assert "sys.path" not in path.read_text()
+    assert (ROOT / "docs" / "results" / f"{study.replace('_', '-')}.md").is_file()
+    done = subprocess.run(
+        [sys.executable, "-m", f"experiments.studies.{study}", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
+    code = "import sys; from experiments.studies import header; print(header())"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "--x=1"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("- command: `python -c --x=1`\n- commit: ")
+    assert "torch " in done.stdout and "threads: " in done.stdout and "date: " in done.stdout

@@ -18,7 +18,7 @@ needs_diffusers = pytest.mark.skipif(
 
 
 def test_gmm_log_prob_matches_torch_distributions():
-    gmm = GaussianMixture(3, dim=2)
+    gmm = GaussianMixture(3, features=2)
     with torch.no_grad():
         gmm.logits.copy_(torch.tensor([0.3, -1.0, 2.0]))
         gmm.log_scales.copy_(torch.randn(3, 2) * 0.3)
@@ -32,7 +32,7 @@ def test_gmm_log_prob_matches_torch_distributions():
 
 
 def test_gmm_any_generated_values_are_valid():
-    gmm = GaussianMixture(2, dim=1)
+    gmm = GaussianMixture(2, features=1)
     wild = {
         "logits": torch.tensor([40.0, -40.0]),
         "means": torch.tensor([[1e3], [-1e3]]),
@@ -43,7 +43,7 @@ def test_gmm_any_generated_values_are_valid():
 
 
 def test_gmm_sample_moments():
-    gmm = GaussianMixture(2, dim=1)
+    gmm = GaussianMixture(2, features=1)
     load_params(
         gmm,
         {
@@ -77,9 +77,17 @@ def test_flow_log_prob_is_the_gaussian_it_models():
     assert flow.sample(3).shape == (3, 4)
 
 
-def test_flow_rejects_bad_dim():
-    with pytest.raises(ValueError, match="dim must be a positive int, got -1"):
+def test_flow_rejects_bad_features():
+    with pytest.raises(ValueError, match="features must be a positive int, got -1"):
         AffineFlow(-1)
+
+
+def test_zoo_models_name_the_data_dimension_features():
+    # One name for one concept: the dimension D of the data, as zuko's flows name it.
+    for model in (GaussianMixture(2, features=3), AffineFlow(3), VAE(3, latent_dim=2)):
+        assert model.features == 3
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dim'"):
+        GaussianMixture(2, dim=3)
 
 
 def test_vae_elbo_matches_a_hand_computation():
@@ -164,3 +172,47 @@ def test_ddpm_rejects_channels_not_divisible_by_groups():
 
     with pytest.raises(ValueError, match="divisible by norm_num_groups=8, got"):
         DDPM(8, block_out_channels=(12, 16))
+
+
+@needs_diffusers
+def test_ddpm_with_class_labels_is_the_class_conditional_ddpm():
+    from torchhyper.zoo import DDPM
+
+    ddpm = DDPM(8, block_out_channels=(8, 16), norm_num_groups=4, num_train_timesteps=50)
+    conditional = DDPM(
+        8, block_out_channels=(8, 16), norm_num_groups=4, num_train_timesteps=50, num_classes=3
+    )
+    # The same UNet, plus an embedding of 3 classes added to the timestep embedding.
+    extra = set(conditional.state_dict()) - set(ddpm.state_dict())
+    assert (
+        extra == {"unet.class_embedding.weight"} and conditional.unet.config.num_class_embeds == 3
+    )
+    x, labels = torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([0, 2, 1, 2])
+    torch.manual_seed(3)
+    loss = conditional(x, labels)
+    torch.manual_seed(3)
+    t = torch.randint(0, 50, (4,))
+    noise = torch.randn_like(x)
+    noisy = conditional.scheduler.add_noise(x, noise, t)
+    eps = conditional.unet(noisy, t, class_labels=labels).sample
+    torch.testing.assert_close(loss, (eps - noise).square().flatten(1).mean(1))
+    loss.mean().backward()
+    grad = conditional.unet.class_embedding.weight.grad
+    assert grad[[0, 1, 2]].abs().sum(1).gt(0).all()  # every class in the batch is trained
+
+    generator = torch.Generator().manual_seed(0)
+    images = conditional.sample(3, steps=2, generator=generator, class_labels=labels[:3])
+    assert images.shape == (3, 1, 8, 8) and images.abs().max() <= 1
+
+    with pytest.raises(ValueError, match=r"conditioned on 3 classes: pass class_labels, a \(4,\)"):
+        conditional(x)
+    with pytest.raises(
+        ValueError, match=r"class_labels must be a \(4,\) tensor of ints in \[0, 3\)"
+    ):
+        conditional(x, labels.float())
+    with pytest.raises(
+        ValueError, match="given to an unconditional DDPM; build it with num_classes"
+    ):
+        ddpm(x, labels)
+    with pytest.raises(ValueError, match="num_classes must be a positive int or None, got 0"):
+        DDPM(8, block_out_channels=(8, 16), norm_num_groups=4, num_classes=0)

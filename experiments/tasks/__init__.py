@@ -1,3 +1,4 @@
-r"""The experiments, one module each (a config, a :class:`~experiments.tasks.base.Task`, a
-results row, its runs and ``EXPERIMENT``), and the helper modules they share (``base``,
-``digits``, ``judge``). :mod:`experiments.registry` finds the experiments."""
+r"""The experiments, one module each, named as the experiment: its config dataclass, its
+:class:`~experiments.experiment.Task`, its results row, its runs and ``EXPERIMENT``.
+:mod:`experiments.registry` finds them; the helpers they share are in
+:mod:`experiments.common`."""

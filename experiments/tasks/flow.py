@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import matplotlib.pyplot as plt
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from experiments.config import check_positive, check_range
-from experiments.experiment import Experiment, percent
-from experiments.tasks.base import History, Task, fit_direct, plot_losses, within
+from experiments.common.fit import held_out_fits
+from experiments.common.plots import panels, plot_losses
+from experiments.config import check_each_positive, check_positive, check_range
+from experiments.experiment import Experiment, History, Task, percent, within
 from torchhyper.zoo import AffineFlow
 
 if TYPE_CHECKING:
@@ -60,8 +59,7 @@ class FlowConfig:
                 f"{where}: mean and variances must be non-empty lists of one length, got "
                 f"{len(self.mean)} and {len(self.variances)} entries"
             )
-        if any(not v > 0 for v in self.variances):
-            raise ValueError(f"{where}.variances must all be > 0, got {self.variances!r}")
+        check_each_positive(where, "variances", self.variances)
         check_positive(
             where,
             n_train=self.n_train,
@@ -89,11 +87,11 @@ def _errors(mean: Tensor, var: Tensor, ref_mean: Tensor, ref_var: Tensor) -> tup
 
 class FlowTask(Task):
     def __init__(self, config: Config, device: torch.device) -> None:
-        t = config.task
-        self.config, self.t, self.device = config, t, device
-        self.dim = len(t.mean)
-        self.downstream = AffineFlow(self.dim).to(device).requires_grad_(False)
-        self.input_dim = self.dim
+        super().__init__(config, device)
+        self.t = t = config.task
+        self.features = len(t.mean)
+        self.downstream = AffineFlow(self.features).to(device).requires_grad_(False)
+        self.input_dim = self.features
         if config.amortized:
             self.num_datasets = 0
         else:
@@ -101,14 +99,14 @@ class FlowTask(Task):
             self.mean, self.var = torch.tensor(t.mean), torch.tensor(t.variances)
             gen = torch.Generator().manual_seed(config.seed + 1000)
             self.data = self.mean + self.var.sqrt() * torch.randn(
-                t.n_train, self.dim, generator=gen
+                t.n_train, self.features, generator=gen
             )
 
     def random_gaussian(
         self, generator: torch.Generator, variance_range: list[float] | None = None
     ) -> tuple[Tensor, Tensor]:
         (lo, hi), (vlo, vhi) = self.t.mean_range, variance_range or self.t.variance_range
-        u = torch.rand(2, self.dim, generator=generator)
+        u = torch.rand(2, self.features, generator=generator)
         return lo + (hi - lo) * u[0], torch.exp(
             math.log(vlo) + (math.log(vhi) - math.log(vlo)) * u[1]
         )
@@ -117,14 +115,9 @@ class FlowTask(Task):
         n = self.config.batch_size
         if self.config.amortized:
             mean, var = self.random_gaussian(generator)
-            return -1, (mean + var.sqrt() * torch.randn(n, self.dim, generator=generator)).to(
-                self.device
-            )
+            x = mean + var.sqrt() * torch.randn(n, self.features, generator=generator)
+            return -1, x.to(self.device)
         return 0, self.data[torch.randperm(len(self.data), generator=generator)[:n]].to(self.device)
-
-    def loss(self, params: dict[str, Tensor], batch: Tensor) -> Tensor:
-        log_density: Tensor = functional_call(self.downstream, params, (batch,))
-        return -log_density.mean()
 
     # Evaluation ---------------------------------------------------------------------------
 
@@ -149,7 +142,7 @@ class FlowTask(Task):
     def evaluate(
         self, hypernetwork: nn.Module, direct: nn.ModuleList, history: History, out: Path
     ) -> dict[str, Any]:
-        panels = []
+        shown = []
         metrics: dict[str, Any]
         if self.config.amortized:
             gen = torch.Generator().manual_seed(self.config.seed + 2000)
@@ -157,23 +150,12 @@ class FlowTask(Task):
             for i in range(self.t.eval_datasets):
                 mean, var = self.random_gaussian(gen, self.t.eval_variance_range)
                 data = mean + var.sqrt() * torch.randn(
-                    self.config.batch_size, self.dim, generator=gen
+                    self.config.batch_size, self.features, generator=gen
                 )
-                with torch.no_grad():
-                    hyper = hypernetwork(data.to(self.device))
-                fits = {
-                    "hypernetwork": hyper,
-                    "direct": fit_direct(
-                        self.downstream,
-                        self.loss,
-                        data.to(self.device),
-                        steps=self.t.direct_steps,
-                        lr=self.config.direct_lr,
-                    ),
-                }
+                fits = held_out_fits(self, hypernetwork, data, steps=self.t.direct_steps)
                 runs.append(self._score(data, mean, var, fits))
                 if i < 2:
-                    panels.append((data, mean, var, fits))
+                    shown.append((data, mean, var, fits))
             metrics = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
             metrics["eval_datasets"] = self.t.eval_datasets
             metrics["points_per_dataset"] = self.config.batch_size
@@ -189,7 +171,7 @@ class FlowTask(Task):
                     "direct": dict(direct[0].named_parameters()),
                 }
             metrics = {**self._score(self.data, self.mean, self.var, fits)}
-            panels.append((self.data, self.mean, self.var, fits))
+            shown.append((self.data, self.mean, self.var, fits))
             m, v = _moments(fits["hypernetwork"])
             metrics["recovered_mean_hypernetwork"], metrics["recovered_variances_hypernetwork"] = (
                 m.tolist(),
@@ -198,32 +180,25 @@ class FlowTask(Task):
         metrics["within_10_percent"] = within(
             metrics["cov_error_vs_truth_hypernetwork"], metrics["cov_error_vs_truth_direct"]
         )
-        self._plot(panels, history, out / "flow.png")
+        self._plot(shown, history, out / "flow.png")
         return metrics
 
-    def _plot(self, panels: Any, history: History, path: Path) -> None:
-        fig, axes = plt.subplots(1, 2 * len(panels) + 1, figsize=(3.2 * (2 * len(panels) + 1), 2.6))
-        dims = torch.arange(1, self.dim + 1)
-        for i, (data, mean, var, fits) in enumerate(panels):
-            for ax, k, title in ((axes[2 * i], 0, "mean"), (axes[2 * i + 1], 1, "variance")):
-                ax.plot(dims, (mean, var)[k], "k-", lw=1.5, label="truth")
-                ax.plot(
-                    dims,
-                    (data.mean(0), data.var(0, unbiased=False))[k],
-                    "ks",
-                    ms=4,
-                    mfc="none",
-                    label="MLE",
-                )
-                for (name, p), style in zip(fits.items(), ("C0o", "C1x")):
-                    ax.plot(dims, _moments(p)[k], style, ms=4, label=name)
-                ax.set_xlabel("dimension")
-                ax.set_title(title, fontsize=9)
-        axes[0].legend(fontsize=6)
-        plot_losses(axes[-1], history, ylabel="NLL (nats)")
-        fig.tight_layout()
-        fig.savefig(path, dpi=self.config.plot_dpi)
-        plt.close(fig)
+    def _plot(self, shown: Any, history: History, path: Path) -> None:
+        r"""Each shown dataset's true, MLE and fitted means and variances; the training losses."""
+        dims = torch.arange(1, self.features + 1)
+        with panels(path, 2 * len(shown) + 1, dpi=self.config.plot_dpi) as axes:
+            for i, (data, mean, var, fits) in enumerate(shown):
+                what = "" if len(shown) == 1 else f" (held-out {i + 1})"
+                for ax, k, title in ((axes[2 * i], 0, "mean"), (axes[2 * i + 1], 1, "variance")):
+                    ax.plot(dims, (mean, var)[k], "k-", label="truth")
+                    moments = (data.mean(0), data.var(0, unbiased=False))
+                    ax.plot(dims, moments[k], "ks", mfc="none", label="MLE")
+                    for (name, p), style in zip(fits.items(), ("C0o", "C1x")):
+                        ax.plot(dims, _moments(p)[k], style, label=name)
+                    ax.set_xlabel("dimension")
+                    ax.set_title(title + what)
+            axes[0].legend()
+            plot_losses(axes[-1], history, ylabel="NLL (nats)")
 
 
 def _row(m: dict[str, Any]) -> list[str]:
@@ -258,13 +233,13 @@ _COMMON = {"threads": 1, "hidden_sizes": [32, 64, 96], "lr": 0.001, "direct_lr":
 _AMORTIZED = {
     **_COMMON,
     "amortized": True,
-    # benchmarks/RESULTS-set-encoding.md: cov error 9.5% / 11.0% / 10.1% over seeds 0-2 at
+    # docs/results/set-encoding.md: cov error 9.5% / 11.0% / 10.1% over seeds 0-2 at
     # lr 3e-3 (direct fits: 9.5% / 11.0% / 9.3%), 10.8% / 10.5% (seeds 0-1) at 1e-3.
     "lr": 0.003,
     "steps": 6000,
     "batch_size": 256,
     "sets_per_step": 8,
-    # Each set standardized by its own statistics, then rho (benchmarks/set_encoding.py: cov
+    # Each set standardized by its own statistics, then rho (studies/set_encoding.py: cov
     # error 24% over 3 seeds, against 53% for the plain mean pool).
     "standardize": True,
     "rho": [96, 96],

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import matplotlib.pyplot as plt
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from experiments.config import check_positive, check_range
-from experiments.experiment import Experiment, number
-from experiments.tasks.base import History, Task, fit_direct, plot_losses, within
+from experiments.common.fit import held_out_fits
+from experiments.common.plots import panels, plot_losses
+from experiments.config import check_each_positive, check_positive, check_range
+from experiments.experiment import Experiment, History, Task, number, within
 from torchhyper import load_params
 from torchhyper.zoo import GaussianMixture
 
@@ -60,8 +60,7 @@ class GMMConfig:
             sum(self.weights), 1.0, abs_tol=1e-6
         ):
             raise ValueError(f"{where}.weights must be positive and sum to 1, got {self.weights!r}")
-        if any(not v > 0 for v in self.variances):
-            raise ValueError(f"{where}.variances must all be > 0, got {self.variances!r}")
+        check_each_positive(where, "variances", self.variances)
         check_positive(
             where,
             n_train=self.n_train,
@@ -74,7 +73,7 @@ class GMMConfig:
 
 
 def _mixture(weights: Tensor, means: Tensor, variances: Tensor) -> GaussianMixture:
-    gmm = GaussianMixture(len(weights), dim=1)
+    gmm = GaussianMixture(len(weights), features=1)
     load_params(
         gmm,
         {
@@ -88,10 +87,11 @@ def _mixture(weights: Tensor, means: Tensor, variances: Tensor) -> GaussianMixtu
 
 class GMMTask(Task):
     def __init__(self, config: Config, device: torch.device) -> None:
-        t = config.task
-        self.config, self.t, self.device = config, t, device
+        super().__init__(config, device)
+        self.t = t = config.task
         self.components = len(t.weights)
-        self.downstream = GaussianMixture(self.components, dim=1).to(device).requires_grad_(False)
+        self.downstream = GaussianMixture(self.components, features=1)
+        self.downstream.to(device).requires_grad_(False)
         self.input_dim = 1
         data_gen = torch.Generator().manual_seed(config.seed + 1000)
         if config.amortized:
@@ -120,10 +120,6 @@ class GMMTask(Task):
             ).to(self.device)
         index = torch.randperm(len(self.data), generator=generator)[: self.config.batch_size]
         return 0, self.data[index].to(self.device)
-
-    def loss(self, params: dict[str, Tensor], batch: Tensor) -> Tensor:
-        log_density: Tensor = functional_call(self.downstream, params, (batch,))
-        return -log_density.mean()
 
     # Evaluation ---------------------------------------------------------------------------
 
@@ -187,30 +183,19 @@ class GMMTask(Task):
         self, hypernetwork: nn.Module, history: History, out: Path, eval_gen: torch.Generator
     ) -> dict[str, Any]:
         kls: dict[str, list[float]] = {"hypernetwork": [], "direct": [], "em": []}
-        panels = []
+        shown = []
         for i in range(self.t.eval_datasets):
             truth = self.random_mixture(eval_gen)
             data = truth.sample(self.config.batch_size, generator=eval_gen)
-            with torch.no_grad():
-                hyper = hypernetwork(data.to(self.device))
-            fits = {
-                "hypernetwork": hyper,
-                "direct": fit_direct(
-                    self.downstream,
-                    self.loss,
-                    data.to(self.device),
-                    steps=self.t.direct_steps,
-                    lr=self.config.direct_lr,
-                ),
-                "em": self.em(data),
-            }
+            fits = held_out_fits(self, hypernetwork, data, steps=self.t.direct_steps)
+            fits["em"] = self.em(data)
             for name, p in fits.items():
                 kls[name].append(
                     self.kl(truth, p, torch.Generator().manual_seed(self.config.seed + 3000 + i))
                 )
             if i < 4:
-                panels.append((truth, data, fits))
-        self._plot(panels, history, out / "gmm.png")
+                shown.append((truth, data, fits))
+        self._plot(shown, history, out / "gmm.png")
         mean = {k: sum(v) / len(v) for k, v in kls.items()}
         median = {k: statistics.median(v) for k, v in kls.items()}
         return {
@@ -230,31 +215,26 @@ class GMMTask(Task):
             "per_dataset": kls,
         }
 
-    def _plot(self, panels: Any, history: History, path: Path) -> None:
-        fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 2.6))
+    def _plot(self, shown: Any, history: History, path: Path) -> None:
+        r"""Each shown dataset's histogram, true density and fitted ones; the training losses."""
         grid = torch.linspace(-8, 8, 400)[:, None]
-        for ax, (truth, data, fits) in zip(axes, panels):
-            lo, hi = data.min().item() - 2, data.max().item() + 2
-            g = grid[(grid[:, 0] > lo) & (grid[:, 0] < hi)]
-            ax.hist(data[:, 0].numpy(), bins=40, density=True, color="0.85")
-            with torch.no_grad():
-                ax.plot(g[:, 0], truth(g).exp(), "k-", lw=1.5, label="truth")
-                for (name, p), style in zip(fits.items(), ("C0-", "C1--", "C2:")):
-                    cpu = {k: v.detach().cpu() for k, v in p.items()}
-                    ax.plot(
-                        g[:, 0],
-                        functional_call(self.downstream.cpu(), cpu, (g,)).exp(),
-                        style,
-                        lw=1.2,
-                        label=name,
-                    )
-            ax.set_xlabel("x")
-        axes[0].set_ylabel("density")
-        axes[0].legend(fontsize=6)
-        plot_losses(axes[-1], history, ylabel="NLL (nats)")
-        fig.tight_layout()
-        fig.savefig(path, dpi=self.config.plot_dpi)
-        plt.close(fig)
+        with panels(path, len(shown) + 1, dpi=self.config.plot_dpi) as axes:
+            for i, (ax, (truth, data, fits)) in enumerate(zip(axes, shown)):
+                lo, hi = data.min().item() - 2, data.max().item() + 2
+                g = grid[(grid[:, 0] > lo) & (grid[:, 0] < hi)]
+                ax.hist(data[:, 0].numpy(), bins=40, density=True, color="0.85", label="data")
+                with torch.no_grad():
+                    ax.plot(g[:, 0], truth(g).exp(), "k-", label="truth")
+                    for (name, p), style in zip(fits.items(), ("C0-", "C1--", "C2:")):
+                        cpu = {k: v.detach().cpu() for k, v in p.items()}
+                        density = functional_call(self.downstream.cpu(), cpu, (g,)).exp()
+                        label = "EM (scikit-learn)" if name == "em" else name
+                        ax.plot(g[:, 0], density, style, label=label)
+                ax.set_xlabel("x")
+                ax.set_title("densities" if len(shown) == 1 else f"held-out mixture {i + 1}")
+            axes[0].set_ylabel("density")
+            axes[0].legend()
+            plot_losses(axes[-1], history, ylabel="NLL (nats)")
         self.downstream.to(self.device)
 
 
@@ -314,7 +294,7 @@ EXPERIMENT = Experiment(
             "steps": 3000,
             "batch_size": 256,
             "sets_per_step": 8,
-            # The mean and std of the encodings, then Deep Sets' rho (benchmarks/set_encoding.py:
+            # The mean and std of the encodings, then Deep Sets' rho (studies/set_encoding.py:
             # median KL 0.024 over 3 seeds, against 0.030 for the mean pool and 0.104 without rho).
             "pool": "moments",
             "rho": [96, 96],

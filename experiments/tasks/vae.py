@@ -10,17 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import matplotlib.pyplot as plt
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
+from experiments.common.digits import DigitsConfig, DigitsTask
+from experiments.common.plots import panels, plot_losses, tile
 from experiments.config import check_positive, check_sizes
-from experiments.experiment import Experiment, number
-from experiments.tasks.base import History, Task, plot_losses, within
-from experiments.tasks.digits import DigitsConfig, DigitSets
+from experiments.experiment import Experiment, History, number, within
 from torchhyper import bind
 from torchhyper.zoo import VAE
 
@@ -35,37 +33,24 @@ class VAEConfig(DigitsConfig):
     r"""A VAE on binarized digits; ELBO in nats per image on the held-out split."""
 
     latent_dim: int = 8
-    model_hidden: list[int] = field(default_factory=lambda: [128])
+    hidden_sizes: list[int] = field(default_factory=lambda: [128])  # the VAE's (zoo.VAE's)
     elbo_samples: int = 10
+    renamed: ClassVar[dict[str, str]] = {"model_hidden": "hidden_sizes"}  # in 0.4.0
 
     def validate(self, where: str) -> None:
         super().validate(where)
-        check_sizes(where, "model_hidden", self.model_hidden)
+        check_sizes(where, "hidden_sizes", self.hidden_sizes)
         check_positive(where, latent_dim=self.latent_dim, elbo_samples=self.elbo_samples)
 
 
-class VAETask(Task):
+class VAETask(DigitsTask):
     downstream: VAE
 
     def __init__(self, config: Config, device: torch.device) -> None:
-        t = config.task
-        self.config, self.t, self.device = config, t, device
-        self.sets = DigitSets(config, lambda x: (x > 0.5).float().flatten(1))
-        self.pixels = self.sets.x_train.shape[1]
-        self.downstream = VAE(self.pixels, latent_dim=t.latent_dim, hidden_sizes=t.model_hidden)
+        super().__init__(config, device, lambda x: (x > 0.5).float().flatten(1))
+        self.t = t = config.task
+        self.downstream = VAE(self.input_dim, latent_dim=t.latent_dim, hidden_sizes=t.hidden_sizes)
         self.downstream.to(device).requires_grad_(False)
-        self.input_dim = self.pixels
-        side = self.sets.images.x_train.shape[-1]
-        self.example_shape = (1, side, side)
-        self.num_datasets = len(self.sets)
-
-    def sample(self, generator: torch.Generator) -> tuple[int, Tensor]:
-        k, batch = self.sets.sample(generator)
-        return k, batch.to(self.device)
-
-    def loss(self, params: dict[str, Tensor], batch: Tensor) -> Tensor:
-        log_density: Tensor = functional_call(self.downstream, params, (batch,))
-        return -log_density.mean()
 
     def evaluate(
         self, hypernetwork: nn.Module, direct: nn.ModuleList, history: History, out: Path
@@ -102,23 +87,15 @@ class VAETask(Task):
         }
 
     def _plot(self, grids: Any, history: History, path: Path) -> None:
-        side = int(self.pixels**0.5)
-        fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
-        for ax, (name, rows) in zip(axes, grids.items()):
-            images = torch.cat(rows)[:100].reshape(-1, 10, side, side)
-            ax.imshow(
-                images.permute(0, 2, 1, 3).reshape(-1, 10 * side),
-                cmap="gray_r",
-                interpolation="nearest",
-            )
-            ax.set_title(
-                f"{name}: samples" + (" (row = class)" if len(rows) > 1 else ""), fontsize=9
-            )
-            ax.axis("off")
-        plot_losses(axes[-1], history, ylabel="negative ELBO (nats)")
-        fig.tight_layout()
-        fig.savefig(path, dpi=self.config.plot_dpi)
-        plt.close(fig)
+        r"""100 samples of each model (a row per class, amortized); the training losses."""
+        side = self.sets.images.size
+        with panels(path, 3, dpi=self.config.plot_dpi) as axes:
+            for ax, (name, rows) in zip(axes, grids.items()):
+                images = torch.cat(rows)[:100].reshape(-1, 10, 1, side, side)
+                ax.imshow(tile(list(images), 10, fill=0.0), cmap="gray_r", vmin=0, vmax=1)
+                ax.set_title(f"{name}: samples" + (" (row = class)" if len(rows) > 1 else ""))
+                ax.axis("off")
+            plot_losses(axes[-1], history, ylabel="negative ELBO (nats)")
 
 
 def _row(m: dict[str, Any]) -> list[str]:
@@ -147,7 +124,7 @@ def _run(amortized: bool) -> dict[str, Any]:
         "lr": 0.001,
         "direct_lr": 0.001,
         "checkpoint_every": 500,
-        "task": {"dataset": "digits", "latent_dim": 8, "model_hidden": [128], "elbo_samples": 10},
+        "task": {"dataset": "digits", "latent_dim": 8, "hidden_sizes": [128], "elbo_samples": 10},
     }
 
 

@@ -20,7 +20,7 @@ class AffineFlow(nn.Module):
     Parameters: ``log_scale`` ``(D,)`` and ``shift`` ``(D,)``, both zero at init (the identity).
 
     Args:
-        dim: The dimension ``D`` of the data.
+        features: The dimension ``D`` of the data.
 
     Example:
         >>> flow = AffineFlow(12)
@@ -32,13 +32,13 @@ class AffineFlow(nn.Module):
         | https://arxiv.org/abs/1912.02762
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, features: int) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        self.dim = dim
-        self.log_scale = nn.Parameter(torch.zeros(dim))
-        self.shift = nn.Parameter(torch.zeros(dim))
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ValueError(f"features must be a positive int, got {features!r}")
+        self.features = features
+        self.log_scale = nn.Parameter(torch.zeros(features))
+        self.shift = nn.Parameter(torch.zeros(features))
 
     def transform(self, x: Tensor) -> Tensor:
         r"""Data to noise: ``(B, D) -> (B, D)``."""
@@ -50,12 +50,12 @@ class AffineFlow(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         r"""The log-density of each example: ``(B, D) -> (B,)``."""
-        if x.dim() != 2 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
+        if x.dim() != 2 or x.shape[-1] != self.features:
+            raise ValueError(f"x must have shape (B, {self.features}), got {tuple(x.shape)}")
         z = self.transform(x)
         return (
             -0.5 * z.square().sum(-1)
-            - 0.5 * self.dim * math.log(2 * math.pi)
+            - 0.5 * self.features * math.log(2 * math.pi)
             + self.log_scale.sum()
         )
 
@@ -78,6 +78,6 @@ class AffineFlow(nn.Module):
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         r"""Draws ``n`` examples ``(n, D)``."""
         z = torch.randn(
-            n, self.dim, generator=generator, device=self.shift.device, dtype=self.shift.dtype
+            n, self.features, generator=generator, device=self.shift.device, dtype=self.shift.dtype
         )
         return self.inverse(z)

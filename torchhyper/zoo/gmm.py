@@ -11,7 +11,7 @@ __all__ = ["GaussianMixture"]
 
 
 class GaussianMixture(nn.Module):
-    r"""A mixture of ``components`` Gaussians in ``dim`` dimensions, with diagonal covariances.
+    r"""A mixture of ``components`` Gaussians over ``features`` dimensions, diagonal covariances.
 
     Parametrized so that every real value of every parameter is a valid mixture: the weights are
     ``softmax(logits)`` and the standard deviations ``exp(log_scales)``. A hypernetwork can then
@@ -21,24 +21,24 @@ class GaussianMixture(nn.Module):
 
     Args:
         components: The number of components ``K``.
-        dim: The dimension ``D`` of the data.
+        features: The dimension ``D`` of the data.
 
     Example:
-        >>> gmm = GaussianMixture(2, dim=1)
+        >>> gmm = GaussianMixture(2, features=1)
         >>> gmm(torch.randn(5, 1)).shape  # log-densities
         torch.Size([5])
     """
 
-    def __init__(self, components: int, *, dim: int = 1) -> None:
+    def __init__(self, components: int, *, features: int = 1) -> None:
         super().__init__()
-        for name, value in (("components", components), ("dim", dim)):
+        for name, value in (("components", components), ("features", features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.components = components
-        self.dim = dim
+        self.features = features
         self.logits = nn.Parameter(torch.zeros(components))
-        self.means = nn.Parameter(torch.zeros(components, dim))
-        self.log_scales = nn.Parameter(torch.zeros(components, dim))
+        self.means = nn.Parameter(torch.zeros(components, features))
+        self.log_scales = nn.Parameter(torch.zeros(components, features))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -60,13 +60,13 @@ class GaussianMixture(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         r"""The log-density of each example: ``(B, D) -> (B,)``."""
-        if x.dim() != 2 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
+        if x.dim() != 2 or x.shape[-1] != self.features:
+            raise ValueError(f"x must have shape (B, {self.features}), got {tuple(x.shape)}")
         z = (x[:, None, :] - self.means) * torch.exp(-self.log_scales)  # (B, K, D)
         log_normal = (
             -0.5 * z.square().sum(-1)
             - self.log_scales.sum(-1)
-            - 0.5 * self.dim * math.log(2 * math.pi)
+            - 0.5 * self.features * math.log(2 * math.pi)
         )
         return torch.logsumexp(torch.log_softmax(self.logits, dim=-1) + log_normal, dim=-1)
 
@@ -80,6 +80,6 @@ class GaussianMixture(nn.Module):
         r"""Draws ``n`` examples ``(n, D)``."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         noise = torch.randn(
-            n, self.dim, generator=generator, device=self.means.device, dtype=self.means.dtype
+            n, self.features, generator=generator, device=self.means.device, dtype=self.means.dtype
         )
         return self.means[k] + noise * torch.exp(self.log_scales[k])

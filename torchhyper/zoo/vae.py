@@ -28,7 +28,7 @@ class VAE(nn.Module):
     log-variance, so any generated weights give a valid posterior.
 
     Args:
-        data_dim: Pixels per image ``D``; images come flattened ``(B, D)`` with values in {0, 1}.
+        features: Pixels per image ``D``; images come flattened ``(B, D)`` with values in {0, 1}.
         latent_dim: The latent dimension ``L``.
         hidden_sizes: Widths of the encoder's hidden layers; the decoder mirrors them.
 
@@ -43,10 +43,10 @@ class VAE(nn.Module):
     """
 
     def __init__(
-        self, data_dim: int, *, latent_dim: int = 8, hidden_sizes: Sequence[int] = (128,)
+        self, features: int, *, latent_dim: int = 8, hidden_sizes: Sequence[int] = (128,)
     ) -> None:
         super().__init__()
-        for name, value in (("data_dim", data_dim), ("latent_dim", latent_dim)):
+        for name, value in (("features", features), ("latent_dim", latent_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         hidden = list(hidden_sizes)
@@ -56,10 +56,10 @@ class VAE(nn.Module):
             raise ValueError(
                 f"hidden_sizes must be a non-empty list of positive ints, got {hidden_sizes!r}"
             )
-        self.data_dim = data_dim
+        self.features = features
         self.latent_dim = latent_dim
-        self.encoder = _mlp([data_dim, *hidden, 2 * latent_dim])
-        self.decoder = _mlp([latent_dim, *hidden[::-1], data_dim])
+        self.encoder = _mlp([features, *hidden, 2 * latent_dim])
+        self.decoder = _mlp([latent_dim, *hidden[::-1], features])
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         r"""The posterior's mean and log-variance, ``(B, D) -> (B, L), (B, L)``."""
@@ -74,8 +74,8 @@ class VAE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         r"""The ELBO of each image in nats, ``(B, D) -> (B,)``, with one sample of ``z``."""
-        if x.dim() != 2 or x.shape[-1] != self.data_dim:
-            raise ValueError(f"x must have shape (B, {self.data_dim}), got {tuple(x.shape)}")
+        if x.dim() != 2 or x.shape[-1] != self.features:
+            raise ValueError(f"x must have shape (B, {self.features}), got {tuple(x.shape)}")
         mean, log_var = self.encode(x)
         z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
         log_likelihood = -F.binary_cross_entropy_with_logits(

@@ -10,8 +10,11 @@ the amortized flow's covariance and mean errors against the truth, the amortized
 and median KL, each over the run's held-out datasets; "direct" fits each held-out dataset by
 itself (the same in every variant of a seed).
 
-    python benchmarks/set_encoding.py                          # ~30 min on 2 cores
-    python benchmarks/set_encoding.py --runs=flow_amortized --variants=mean,standardize
+    python -m experiments.studies.set_encoding                  # ~30 min on 2 cores
+    python -m experiments.studies.set_encoding --runs=flow_amortized --variants=mean,standardize
+
+Results: ``docs/results/set-encoding.md``, what
+``python -m experiments.studies.set_encoding > docs/results/set-encoding.md`` printed.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ import argparse
 import json
 import multiprocessing
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the experiments package, also in the spawned workers
+from experiments.config import load_run
+from experiments.studies import header
+from experiments.train import train
 
 # Each variant sets all four fields, whatever the run's default holds.
 PLAIN = {"standardize": "false", "pool": "mean", "rho": "[]"}
@@ -64,9 +67,6 @@ SCORES = {
 
 
 def _run(job: tuple[str, str, int, list[str]]) -> tuple[str, str, int, dict, float]:
-    from experiments.config import load_run
-    from experiments.train import train
-
     run, variant, seed, overrides = job
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
+    print(header(threads=1))  # each run's config sets threads=1
     runs = args.runs.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = []

@@ -7,7 +7,10 @@ and each number of samples per class, and prints the FD of each against the held
 The spread over sampling seeds, for models that do not change, is the noise of the metric.
 
     python -m experiments.train ddpm --out_dir=runs/ddpm   # or runs/results/ddpm
-    python benchmarks/fd_noise.py runs/ddpm --samples=100,500 --seeds=1,2,3   # ~15 min
+    python -m experiments.studies.fd_noise runs/ddpm --samples=100,500 --seeds=1,2,3  # ~15 min
+
+Results: ``docs/results/fd-noise.md``, what
+``python -m experiments.studies.fd_noise > docs/results/fd-noise.md`` printed.
 """
 
 from __future__ import annotations
@@ -19,8 +22,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the experiments package
+from experiments.checkpoint import load_checkpoint
+from experiments.common.class_ddpm import class_baseline, sample_class
+from experiments.common.judge import frechet_distance
+from experiments.config import load
+from experiments.registry import build_task
+from experiments.studies import header
+from experiments.train import build_models
 
 
 def main() -> None:
@@ -32,16 +40,11 @@ def main() -> None:
     sizes = [int(s) for s in args.samples.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    from experiments.checkpoint import load_checkpoint
-    from experiments.config import load
-    from experiments.registry import build_task
-    from experiments.tasks.judge import frechet_distance
-    from experiments.train import build_models
-
     config = load(str(args.run / "config.json"))
     if config.experiment != "ddpm" or not config.amortized:
         raise ValueError(f"run must be an amortized ddpm run, got {config.experiment!r}")
     torch.set_num_threads(max(config.threads, 1))
+    print(header())
     device = torch.device("cpu")
     torch.manual_seed(config.seed)
     task = build_task(config, device)
@@ -52,7 +55,7 @@ def main() -> None:
     judge = task.judge()
     real = judge.features(task.sets.x_test)
     with torch.random.fork_rng():  # as the run trains it
-        unet = task.class_baseline()[0]
+        unet = class_baseline(task)[0]
 
     def hypernetwork_samples(k: int, n: int, generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
@@ -61,7 +64,7 @@ def main() -> None:
 
     models = {
         "hypernetwork": hypernetwork_samples,
-        "class UNet": lambda k, n, g: task.sample_class(unet, k, n, g),
+        "class UNet": lambda k, n, g: sample_class(task, unet, k, n, g),
     }
     fd: dict[tuple[str, int, int], float] = {}
     for n in sizes:

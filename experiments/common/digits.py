@@ -1,4 +1,4 @@
-r"""Shared by the VAE and DDPM experiments: images as one dataset, or each class as a dataset.
+r"""Digit images as datasets, for the VAE and DDPM experiments: one dataset, or one per class.
 
 With ``amortized`` false there is one dataset, the whole training split; each step draws
 ``batch_size`` images of it. With ``amortized`` true each digit class is a dataset: each step
@@ -6,7 +6,8 @@ draws a class, then ``batch_size`` images of that class (the set the hypernetwor
 evaluation a dataset's model is generated from all its training images and scored on its
 held-out (test) images.
 
-:class:`DigitsConfig` holds the data fields both experiments' configs share.
+:class:`DigitsConfig` holds the data fields both experiments' configs share, and
+:class:`DigitsTask` what their tasks share: the sets, and how a step draws one.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from experiments.data import Images, load_images
+from experiments.common.data import Images, load_images
+from experiments.experiment import Task
 
 if TYPE_CHECKING:
     from experiments.config import Config
 
-__all__ = ["DigitSets", "DigitsConfig"]
+__all__ = ["DigitSets", "DigitsConfig", "DigitsTask"]
 
 
 @dataclass
@@ -97,3 +99,21 @@ class DigitSets:
 
     def test(self, k: int) -> Tensor:
         return self.x_test[self.test_index[k]]
+
+
+class DigitsTask(Task):
+    r"""A task on :class:`DigitSets`: each of its datasets has a directly trained downstream,
+    and each step draws one set. Subclasses build ``downstream``."""
+
+    def __init__(
+        self, config: Config, device: torch.device, transform: Callable[[Tensor], Tensor]
+    ) -> None:
+        super().__init__(config, device)
+        self.sets = DigitSets(config, transform)
+        self.input_dim = self.sets.x_train[0].numel()
+        self.example_shape = tuple(self.sets.images.x_train.shape[1:])  # (1, H, W)
+        self.num_datasets = len(self.sets)
+
+    def sample(self, generator: torch.Generator) -> tuple[int, Tensor]:
+        k, batch = self.sets.sample(generator)
+        return k, batch.to(self.device)

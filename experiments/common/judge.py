@@ -3,10 +3,14 @@ a Fréchet distance (as FID does with Inception features), and its predicted cla
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from scipy import linalg
 from torch import Tensor, nn
+
+from experiments.common.fit import fit
 
 __all__ = ["DigitClassifier", "frechet_distance"]
 
@@ -30,19 +34,37 @@ class DigitClassifier(nn.Module):
         return logits
 
     @classmethod
-    def fit(cls, x: Tensor, y: Tensor, *, steps: int, seed: int) -> DigitClassifier:
-        r"""Trains on ``(x, y)`` with Adam, full batch, with light noise for robustness."""
+    def fitted(cls, x: Tensor, y: Tensor, *, steps: int, seed: int) -> DigitClassifier:
+        r"""Trains on ``(x, y)`` with Adam at a constant rate, full batch, with light noise for
+        robustness."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = cls(x[0].numel(), int(y.max()) + 1)
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
-            for _ in range(steps):
+
+            def loss() -> Tensor:
                 noisy = x + 0.1 * torch.randn_like(x)
-                loss = nn.functional.cross_entropy(model(noisy), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+                return nn.functional.cross_entropy(model(noisy), y)
+
+            fit(model.parameters(), loss, steps=steps, lr=1e-3, weight_decay=1e-4, cosine=False)
         return model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def score(
+        self, samples: list[Tensor], real: Tensor, classes: list[int] | None = None
+    ) -> dict[str, Any]:
+        r"""How alike ``samples`` (a list of ``(N, *)``, one per set) are to real digits whose
+        :meth:`features` are ``real`` ``(M, 64)``: ``fd``, the :func:`frechet_distance` of all
+        the samples; with ``classes`` (the class each set was generated for),
+        ``class_fraction_per_class``, the share of each set classified as its class, and
+        ``class_fraction``, their mean."""
+        scores: dict[str, Any] = {"fd": frechet_distance(self.features(torch.cat(samples)), real)}
+        if classes is not None:
+            hits = [
+                (self(x).argmax(1) == c).float().mean().item() for c, x in zip(classes, samples)
+            ]
+            scores["class_fraction"] = sum(hits) / len(hits)
+            scores["class_fraction_per_class"] = hits
+        return scores
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:

@@ -21,31 +21,35 @@ UNet's family, with the class's embedding read from its set), ``unit`` and ``inc
 units, scale 1, instead of in units of its spread: a class embedding's pace), ``cnn`` (the
 ``default`` with the run's ``encoder="cnn"``: two convolutions over each image of the set).
 
-    python benchmarks/ddpm_gap.py --variants=class,default,lr=0.003,shift --streams=1,2
+    python -m experiments.studies.ddpm_gap --variants=class,default,lr=0.003,shift --streams=1,2
     # about 5 minutes per variant and stream on one core of the 2-core CPU machine
+
+Results: ``docs/results/ddpm-gap.md``, what
+``python -m experiments.studies.ddpm_gap > docs/results/ddpm-gap.md`` printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the experiments package
+from experiments.common.class_ddpm import class_ddpm, sample_class, train_class_ddpm
+from experiments.common.fit import CosineAdam, mean_loss
+from experiments.config import load_run
+from experiments.registry import build_task
+from experiments.studies import header
+from experiments.train import build_models, param_groups
+from torchhyper import HyperNetwork
+from torchhyper.heads import FiLMHead
 
 
 def shift_only_head(in_features: int, shapes: Any) -> nn.Module:
     r"""A :class:`~torchhyper.heads.FiLMHead` whose row scales of matrices stay at 1: their
     gradients are masked out, so Adam never moves them."""
-    from torchhyper.heads import FiLMHead
-
     head = FiLMHead(in_features, shapes)
     keep = head.vector[head.owner].float()
     head.linear.weight.register_hook(lambda g: g * keep[:, None])
@@ -55,32 +59,17 @@ def shift_only_head(in_features: int, shapes: Any) -> nn.Module:
 
 def train(variant: str, stream: int, config: Any, task: Any) -> tuple[nn.Module, str]:
     r"""One trained model of ``variant``, in eval mode, and its kind (``hyper`` or ``class``)."""
-    from experiments.tasks.base import lr_factor, mean_loss
-    from experiments.train import build_models, build_optimizers
-    from torchhyper import HyperNetwork
-
     name, _, value = variant.partition("=")
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)  # the trainer's draws of sets
     if name in ("class", "class0"):
         torch.manual_seed(config.seed + 3000)  # its init, as the run draws it
-        unet = task.class_unet()
+        unet = class_ddpm(task)
         if name == "class0":  # every class starts at the shared UNet, as a hypernetwork does
-            nn.init.zeros_(unet.class_embedding.weight)
-        optimizer = torch.optim.Adam(unet.parameters(), lr=config.direct_lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, functools.partial(lr_factor, config)
-        )
+            nn.init.zeros_(unet.unet.class_embedding.weight)
         torch.manual_seed(10_000 + stream)
-        unet.train()
-        for _ in range(config.steps):
-            sets = [task.sample(generator) for _ in range(config.sets_per_step)]
-            loss = task.class_loss(unet, sets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+        train_class_ddpm(task, unet)  # on the trainer's draws of sets
         return unet.eval(), "class"
+    generator = torch.Generator().manual_seed(config.seed)  # the trainer's draws of sets
     if name == "lr":
         config.lr = float(value)
     if name == "shift":
@@ -99,27 +88,21 @@ def train(variant: str, stream: int, config: Any, task: Any) -> tuple[nn.Module,
         raise ValueError(f"unknown variant {variant!r}")
     if name in ("include1", "unit"):  # vectors shifted in absolute units, not their spread's
         model.scale.fill_(1.0)
-    shared = nn.ModuleList()
+    groups = param_groups(config, model)
     if name.startswith("include"):  # the parameters not generated: shared, trained directly
         generated = set(model.names)
         for n, p in task.downstream.named_parameters():
             p.requires_grad_(n not in generated)
-        shared.append(task.downstream)  # the trainer's direct optimizer: direct_lr, same decay
-    optim = build_optimizers(config, model, shared)
-    optimizers, schedules = optim["optimizers"].values(), optim["schedulers"].values()
+        shared = [p for p in task.downstream.parameters() if p.requires_grad]
+        groups.append({"params": shared, "lr": config.direct_lr})  # as the direct UNets train
+    optimizer = CosineAdam(groups, lr=config.lr, steps=config.steps, cosine=config.cosine)
     decay = float(value) if name == "ema" else None
     average = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.manual_seed(10_000 + stream)
     model.train()
     for _ in range(config.steps):
         sets = [task.sample(generator) for _ in range(config.sets_per_step)]
-        loss = mean_loss([task.loss(model(batch), batch) for _, batch in sets])
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for optimizer, schedule in zip(optimizers, schedules):
-            optimizer.step()
-            schedule.step()
+        optimizer.step(mean_loss([task.loss(model(batch), batch) for _, batch in sets]))
         if decay is not None:
             with torch.no_grad():
                 for n, p in model.named_parameters():
@@ -139,10 +122,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="0: the run's")
     parser.add_argument("--samples", type=int, default=500, help="samples per class")
     args = parser.parse_args()
-
-    from experiments.config import load_run
-    from experiments.registry import build_task
-    from experiments.tasks.judge import frechet_distance
+    print(header(threads=1))
 
     overrides = [
         f"--seed={args.seed}",
@@ -171,16 +151,13 @@ def main() -> None:
                         params = model(task.sets.train(k))
                         per_class.append(task.sample_params(params, args.samples, generator))
                     else:
-                        per_class.append(task.sample_class(model, k, args.samples, generator))
-            features = judge.features(torch.cat(per_class))
-            fds.append(frechet_distance(features, real))
+                        per_class.append(sample_class(task, model, k, args.samples, generator))
+            scores = judge.score(per_class, real, task.sets.classes)
+            fds.append(scores["fd"])
+            shares.append(scores["class_fraction"])
             # The FD's first term: how far the samples' mean feature lies from the real one's.
+            features = judge.features(torch.cat(per_class))
             mean_term = (features.mean(0) - real.mean(0)).square().sum().item()
-            hits = [
-                (judge(x).argmax(1) == c).float().mean().item()
-                for c, x in zip(task.sets.classes, per_class)
-            ]
-            shares.append(sum(hits) / len(hits))
             print(
                 f"{variant} stream {stream}: FD {fds[-1]:.3f} (mean term {mean_term:.3f}), "
                 f"share {shares[-1]:.3f}",
