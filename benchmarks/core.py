@@ -31,6 +31,7 @@ import sys
 import time
 
 import torch
+from record import header  # benchmarks/record.py
 from torch import nn
 from torch.func import functional_call
 
@@ -225,6 +226,8 @@ def main() -> None:
     if args.construction_child:
         construction_child(*args.construction_child)
         return
+    print("# benchmarks/core.py\n")
+    print(header())
     if args.only is None:
         torch.set_num_threads(1)
         init_scale()

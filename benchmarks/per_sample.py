@@ -139,19 +139,19 @@ class HandWritten(nn.Module):
             nn.Linear(context, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]), nn.ReLU()
         )
         self.head = nn.Linear(hidden[-1], reference.numel)
-        self.numels = reference.numels
+        self.numels = reference.generated.numels
         self.assemble = assemble
         if assemble:
             self.gain = nn.Parameter(reference.gain.detach().clone())
-            self.register_buffer("scale", reference.scale.clone())
+            self.register_buffer("spread", reference.spread.clone())
             self.register_buffer("offset", reference.offset.clone())
-            self.register_buffer("counts", torch.tensor(reference.numels))
+            self.register_buffer("counts", torch.tensor(reference.generated.numels))
 
     def forward(self, c: torch.Tensor) -> list[torch.Tensor]:
         h = self.head(F.layer_norm(self.encoder(c), (self.encoder[-2].out_features,)))
         if self.assemble:
             coef = torch.repeat_interleave(
-                self.scale * self.gain, self.counts, output_size=h.shape[-1]
+                self.spread * self.gain, self.counts, output_size=h.shape[-1]
             )
             off = torch.repeat_interleave(self.offset, self.counts, output_size=h.shape[-1])
             h = torch.addcmul(off, coef, h)
