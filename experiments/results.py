@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         help="train nothing: rewrite the tables from the --docs folder's metrics.json",
     )
     args, overrides = parser.parse_known_args(argv)
+    provenance = header()  # before this run writes anything into the checkout
     total = time.perf_counter()
     args.docs.mkdir(parents=True, exist_ok=True)
     if args.tables_only:
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.copyfile(plot, args.docs / f"{name}.png")
         (args.docs / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
     text = table(results)
-    (args.docs / "results.md").write_text(header() + "\n" + text)
+    (args.docs / "results.md").write_text(provenance + "\n" + text)
     if args.readme:
         readme = ROOT / "README.md"
         content = readme.read_text()
