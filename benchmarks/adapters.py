@@ -32,29 +32,13 @@ import time
 from pathlib import Path
 
 import torch
-from record import header  # benchmarks/record.py
+from record import header, reset_peak, resident_mb  # benchmarks/record.py
 from torch.func import functional_call
 
 from torchhyper import HyperNetwork, per_sample_call
 from torchhyper.adapters import save_adapter
 
 BATCH, TOKENS = 16, 64
-
-
-def status(field: str) -> float:
-    """A field of /proc/self/status, in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak() -> float:
-    """Resets the peak resident size to the current one (Linux); returns the current, MB."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return status("VmRSS")
 
 
 def build(layers: int):
@@ -91,7 +75,7 @@ def child(part: str, layers: int, steps: int) -> dict:
     torch.set_num_threads(torch.get_num_threads())
     before = reset_peak()
     model = build(layers)
-    model_mb = status("VmHWM") - before
+    model_mb = resident_mb("VmHWM") - before
     g = torch.Generator().manual_seed(1)
     out: dict = {"model_mb": model_mb}
     if part == "build":
@@ -99,7 +83,7 @@ def child(part: str, layers: int, steps: int) -> dict:
         t = time.perf_counter()
         hyper = hypernetwork(model)
         out["build_s"] = time.perf_counter() - t
-        out["build_mb"] = status("VmHWM") - start
+        out["build_mb"] = resident_mb("VmHWM") - start
         out["hypernetwork_params"] = sum(p.numel() for p in hyper.parameters() if p.requires_grad)
         out["head"] = type(hyper.head).__name__
         out["reason"] = hyper.head.reason
@@ -121,7 +105,7 @@ def child(part: str, layers: int, steps: int) -> dict:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        out["step_mb"] = status("VmHWM") - start
+        out["step_mb"] = resident_mb("VmHWM") - start
         return out
     if part == "interleaved":  # the step times, alternating the two in one process
         hyper = hypernetwork(model)
@@ -155,7 +139,7 @@ def child(part: str, layers: int, steps: int) -> dict:
         t = time.perf_counter()
         save_adapter(model, params, folder)
         out["export_s"] = time.perf_counter() - t
-        out["export_mb"] = status("VmHWM") - start
+        out["export_mb"] = resident_mb("VmHWM") - start
         out["folder_bytes"] = sum(f.stat().st_size for f in folder.iterdir())
         out["weights_bytes"] = (folder / "adapter_model.safetensors").stat().st_size
         out["tensor_bytes"] = sum(v.numel() * v.element_size() for v in params.values())

@@ -31,7 +31,7 @@ import sys
 import time
 
 import torch
-from record import header  # benchmarks/record.py
+from record import header, reset_peak, resident_mb  # benchmarks/record.py
 from torch import nn
 from torch.func import functional_call
 
@@ -152,27 +152,16 @@ def _gpt2_124m() -> nn.Module:
 DOWNSTREAMS = {"gpt2-124m": _gpt2_124m, "10k-two-value": TwoValueTensors}
 
 
-def _status(field: str) -> int:
-    """A field of /proc/self/status, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def construction_child(downstream_name: str, base: str) -> None:
     torch.manual_seed(0)
     downstream = DOWNSTREAMS[downstream_name]()
     size = sum(p.numel() * p.element_size() for p in downstream.parameters())
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak resident set size (VmHWM) to the current one
+    before = reset_peak()
     start, cpu = time.perf_counter(), time.process_time()
     HyperNetwork(8, [32], downstream, base=base)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    extra = _status("VmHWM") - before
+    extra = int((resident_mb("VmHWM") - before) * 2**20)  # bytes
     print(json.dumps({"seconds": seconds, "cpu": cpu, "extra": extra, "size": size}))
 
 

@@ -39,7 +39,7 @@ import sys
 import time
 
 import torch
-from record import header  # benchmarks/record.py
+from record import header, reset_peak, resident_mb  # benchmarks/record.py
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -271,22 +271,11 @@ def memory_child(ds_name: str, head: str, batch: int, steps: int) -> None:
     data = [make_batch() for _ in range(steps)]
     torch.manual_seed(0)
     downstream = factory()
-    before = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak resident set size (VmHWM) to the current one
+    before = reset_peak()
     v = Variant(head, downstream, make_batch)
     for b in data:
         v.step(b)
-    print(json.dumps({"before_mb": before, "peak_mb": _status("VmHWM")}))
-
-
-def _status(field: str) -> float:
-    """A field of /proc/self/status, in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    print(json.dumps({"before_mb": before, "peak_mb": resident_mb("VmHWM")}))
 
 
 def memory(ds_name: str, heads: list[str], batch: int, steps: int, numel: int):

@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["header"]
+__all__ = ["header", "reset_peak", "resident_mb"]
 
 
 def header(threads: int | None = None) -> str:
@@ -48,3 +48,21 @@ def header(threads: int | None = None) -> str:
         f"- date: {when}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def resident_mb(field: str) -> float:
+    """A memory field of ``/proc/self/status`` (Linux), e.g. ``VmRSS`` or ``VmHWM``, in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> float:
+    """Resets the process's peak resident size (``VmHWM``) to the current one (Linux), so that a
+    later ``resident_mb("VmHWM")`` is the peak since now; returns the current size, MiB."""
+    before = resident_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return before

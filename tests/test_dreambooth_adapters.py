@@ -4,12 +4,11 @@ back to 1e-5, adapters that differ by subject and lower the held-out loss)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+from _examples import load_example
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("peft")
@@ -17,14 +16,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("tqdm")
 pytest.importorskip("sklearn")
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "dreambooth_adapters.py"
-
 
 def load():
-    spec = importlib.util.spec_from_file_location("example_dreambooth_adapters", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("dreambooth_adapters")
 
 
 def test_subjects_are_digits_in_one_orientation_each():

@@ -4,26 +4,20 @@ adapters beat the base model on held-out tasks."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+from _examples import load_example
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 pytest.importorskip("tqdm")
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "task_adapters.py"
-
 
 def load():
-    spec = importlib.util.spec_from_file_location("example_task_adapters", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("task_adapters")
 
 
 def test_task_family_follows_its_rule():

@@ -5,13 +5,13 @@ beat the base model."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import struct
 from pathlib import Path
 
 import pytest
+from _examples import load_example
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("peft")
@@ -20,14 +20,9 @@ pytest.importorskip("tqdm")
 
 import torch  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "text_adapters.py"
-
 
 def load():
-    spec = importlib.util.spec_from_file_location("example_text_adapters", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("text_adapters")
 
 
 def test_tasks_follow_their_descriptions():

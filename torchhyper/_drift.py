@@ -9,12 +9,15 @@ the wrong shapes or the wrong dtype, and fail deep inside torch or, worse, not a
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from torchhyper._record import _capped, _few
+
+if TYPE_CHECKING:
+    from torchhyper._spec import _Generated
 
 __all__: list[str] = []
 
@@ -23,16 +26,12 @@ class _Watch:
     """The downstream (weakly) and what it held at construction: every parameter name, and the
     generated tensors' shapes and dtypes."""
 
-    def __init__(
-        self,
-        downstream: nn.Module,
-        names: list[str],
-        shapes: list[torch.Size],
-        dtypes: list[torch.dtype],
-    ) -> None:
+    def __init__(self, downstream: nn.Module, generated: _Generated) -> None:
         self.ref: weakref.ref[nn.Module] | None = weakref.ref(downstream)
         self.names = [n for n, _ in downstream.named_parameters()]
-        self.generated = {n: (s, d) for n, s, d in zip(names, shapes, dtypes)}
+        self.generated = {
+            n: (s, d) for n, s, d in zip(generated.names, generated.shapes, generated.dtypes)
+        }
 
     def module(self) -> nn.Module | None:
         return None if self.ref is None else self.ref()

@@ -73,7 +73,7 @@ class _Generator(_Recorded):
         self._base_choice = base
         dtype = generated.compute_dtype
         # What the downstream holds now, checked at every call (torchhyper._drift).
-        self._watch = _Watch(downstream, generated.names, generated.shapes, generated.dtypes)
+        self._watch = _Watch(downstream, generated)
         # Gives the head an embedding of zero mean and unit variance, whatever the input scale.
         self.norm = nn.LayerNorm(in_features, elementwise_affine=False) if norm is None else norm
         names = generated.names

@@ -47,6 +47,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from torchhyper._per_sample_index import _batch_of
 from torchhyper._record import _few
 from torchhyper.params import bind
 
@@ -137,16 +138,12 @@ def save_adapters(
     Returns:
         The folders written, in order.
     """
-    own = dict(model.named_parameters())
-    sizes = {v.shape[0] for k, v in params.items() if k in own and v.dim() == own[k].dim() + 1}
-    wrong = [k for k, v in params.items() if k in own and v.dim() != own[k].dim() + 1]
-    if wrong or len(sizes) != 1:
+    batch = _batch_of(params, dict(model.named_parameters()))
+    if batch is None:
         raise ValueError(
-            "params must be a batch of conditions, (B, *shape) with one B for all; "
-            + (f"{_few(wrong)} are not batched: " if wrong else "")
-            + "save a single condition with save_adapter"
+            "params must be a batch of conditions of the model's tensors, (B, *shape) with one "
+            "B >= 1 for all; save a single condition with save_adapter"
         )
-    (batch,) = sizes
     names = [str(i) for i in range(batch)] if names is None else list(names)
     if len(names) != batch or len(set(names)) != batch:
         raise ValueError(f"names must hold {batch} distinct folder names, got {names!r}")
