@@ -13,7 +13,7 @@ either.
 A config has the common fields of :class:`Config` and a ``task`` object whose fields are those
 of its experiment's config dataclass (``Experiment.config``, declared in the experiment's
 module). Names are checked against the registries: ``experiment`` against
-:mod:`experiments.registry`, ``head``, ``base`` and ``pool`` against torchhyper's.
+:mod:`experiments.experiment`, ``head``, ``base`` and ``pool`` against torchhyper's.
 
 A key that was renamed (a config dataclass's ``renamed``: old name -> new, e.g. the VAE's
 ``model_hidden``, now ``hidden_sizes``) is read under its new name, with a warning, so that
@@ -235,7 +235,7 @@ def upgrade(data: dict[str, Any]) -> dict[str, Any]:
     Raises:
         ValueError: A key is there under its old name and its new one.
     """
-    from experiments.registry import find
+    from experiments.experiment import find
 
     data = _renamed(Config, data, "config")
     name = data.get("experiment")
@@ -254,7 +254,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         ValueError: Unknown or missing keys, or impossible values.
         TypeError: A value of the wrong type.
     """
-    from experiments.registry import experiment
+    from experiments.experiment import experiment
 
     config: Config = _from_dict(Config, upgrade(data), "config")
     found = experiment(config.experiment, where="config.experiment")
@@ -284,7 +284,7 @@ def _parse_override(arg: str) -> tuple[list[str], Any]:
 
 def _renamed_keys(data: dict[str, Any], keys: list[str]) -> list[str]:
     """An override's ``keys``, the last one under its name now if it was renamed (a warning)."""
-    from experiments.registry import find
+    from experiments.experiment import find
 
     name = data.get("experiment")
     found = find(name) if len(keys) == 2 and keys[0] == "task" and isinstance(name, str) else None
@@ -342,21 +342,21 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def load_run(run: str, overrides: Sequence[str] = ()) -> Config:
-    r"""The config of a registered run (one of ``experiments.registry.run_names()``, e.g.
+    r"""The config of a registered run (one of ``experiments.experiment.run_names()``, e.g.
     ``"gmm_amortized"``), with ``out_dir="runs/<run>"`` and ``--key=value`` overrides.
 
     Raises:
         ValueError: No such run, unknown keys or impossible values.
         TypeError: A value of the wrong type.
     """
-    from experiments.registry import experiment_of
+    from experiments.experiment import experiment_of
 
     return config_from_dict(apply_overrides(experiment_of(run).run_config(run), overrides))
 
 
 def load(source: str, overrides: Sequence[str] = ()) -> Config:
     r"""The config ``python -m experiments.train SOURCE`` trains: a registered run's (a name of
-    ``experiments.registry.run_names()``), else a JSON config file's (``./NAME`` reads a file
+    ``experiments.experiment.run_names()``), else a JSON config file's (``./NAME`` reads a file
     named like a run).
 
     Raises:
@@ -364,7 +364,7 @@ def load(source: str, overrides: Sequence[str] = ()) -> Config:
         ValueError: ``source`` is neither a run name nor a file; invalid config or overrides.
         TypeError: A value of the wrong type.
     """
-    from experiments.registry import find_run, run_names
+    from experiments.experiment import find_run, run_names
 
     path = Path(source)
     if len(path.parts) == 1 and find_run(source) is not None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.config import load_run
-from experiments.registry import experiment_of, run_names
+from experiments.experiment import experiment_of, run_names
 from experiments.studies import header
 from experiments.train import train
 

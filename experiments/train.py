@@ -5,7 +5,7 @@ trained directly, then evaluates both against the ground truth.
     python -m experiments.train CONFIG.json [--key=value ...]  # a config file
     python -m experiments.train RUN --print-config            # its config as JSON; no training
 
-``RUN`` is one of ``experiments.registry.run_names()`` (``gmm``, ``gmm_amortized``, ``flow``,
+``RUN`` is one of ``experiments.experiment.run_names()`` (``gmm``, ``gmm_amortized``, ``flow``,
 ...), declared in its experiment's module; its run folder defaults to ``runs/RUN``.
 
 Reads top to bottom: config -> run folder checked -> task (data, downstream, evaluation) ->
@@ -50,8 +50,7 @@ from experiments.distributed import (
     seed_per_rank,
     unsharded,
 )
-from experiments.experiment import Task
-from experiments.registry import build_task, run_names
+from experiments.experiment import Task, build_task, run_names
 from experiments.runs import RESUMABLE, check_out_dir, claim_out_dir, started_only, write_json
 from torchhyper import HyperNetwork
 from torchhyper.distributed import GlobalMax, GlobalMean, GlobalSum, cleanup, wrap

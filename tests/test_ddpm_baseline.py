@@ -21,7 +21,7 @@ from test_experiments import TINY as SMOKE  # noqa: E402
 from experiments import train as trainer  # noqa: E402
 from experiments.common.class_ddpm import class_ddpm, class_loss, train_class_ddpm  # noqa: E402
 from experiments.config import load_run  # noqa: E402
-from experiments.registry import build_task, experiment_of  # noqa: E402
+from experiments.experiment import build_task, experiment_of  # noqa: E402
 
 # The smoke config of tests/test_experiments.py, with a checkpoint to resume from and fewer
 # timed steps (a later --key=value wins).

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import experiments.tasks  # noqa: E402
-from experiments import EXPERIMENTS, registry  # noqa: E402
+from experiments import EXPERIMENTS  # noqa: E402
+from experiments import experiment as registry  # noqa: E402
 from experiments import train as trainer  # noqa: E402
 from experiments.common.data import load_mnist, read_idx  # noqa: E402
 from experiments.config import config_from_dict, config_to_dict, load, load_config, load_run  # noqa: E402
@@ -421,7 +422,6 @@ print(json.dumps([seen[0], imported()]))
         "experiments.config",
         "experiments.distributed",
         "experiments.experiment",
-        "experiments.registry",
         "experiments.runs",
         "experiments.tasks",
         "experiments.tasks.gmm",

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from experiments.common.class_ddpm import class_ddpm, sample_class, train_class_ddpm
 from experiments.common.fit import CosineAdam, mean_loss
 from experiments.config import load_run
-from experiments.registry import build_task
+from experiments.experiment import build_task
 from experiments.studies import header
 from experiments.train import build_models, param_groups
 from torchhyper import HyperNetwork

@@ -26,7 +26,7 @@ from experiments.checkpoint import load_checkpoint
 from experiments.common.class_ddpm import class_baseline, sample_class
 from experiments.common.judge import frechet_distance
 from experiments.config import load
-from experiments.registry import build_task
+from experiments.experiment import build_task
 from experiments.studies import header
 from experiments.train import build_models
 

@@ -1,4 +1,4 @@
 r"""The experiments, one module each, named as the experiment: its config dataclass, its
 :class:`~experiments.experiment.Task`, its results row, its runs and ``EXPERIMENT``.
-:mod:`experiments.registry` finds them; the helpers they share are in
+:mod:`experiments.experiment` finds them; the helpers they share are in
 :mod:`experiments.common`."""
