@@ -35,6 +35,7 @@ Tasks:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -201,7 +202,8 @@ def gmm_amortized(variant: str, seed: int, steps: int = 1500) -> float:
 
     config = "gmm_amortized"  # a registered run of experiments/tasks/gmm.py
     head, base = VARIANTS.get(variant, ("auto", "learned"))
-    with tempfile.TemporaryDirectory() as out:
+    # The run prints its metrics: to stderr, with the progress, so that stdout holds the tables.
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(sys.stderr):
         metrics = train.main(
             [
                 config,
