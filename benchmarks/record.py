@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ def header(threads: int | None = None) -> str:
         commit = "unknown (not a git checkout)"
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = " ".join(["python", *sys.argv])
+    command = shlex.join(["python", *sys.argv])
     lines = [
         f"- command: `{command}`",
         f"- commit: {commit}; torch {torch.__version__}; Python {platform.python_version()}",

@@ -23,9 +23,10 @@ def header(threads: int | None = None) -> str:
     date), its command as it was typed: ``python -m experiments.studies.NAME ...``.
     ``threads``: those of each worker process, if not this process's."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)
-    argv0 = sys.argv[0]
-    sys.argv[0] = f"-m {spec.name}" if spec is not None else argv0
+    argv = sys.argv
+    if spec is not None:
+        sys.argv = ["-m", spec.name, *argv[1:]]
     try:
         return _header(threads)
     finally:
-        sys.argv[0] = argv0
+        sys.argv = argv
