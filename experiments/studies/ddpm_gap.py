@@ -159,7 +159,7 @@ def main() -> None:
             features = judge.features(torch.cat(per_class))
             mean_term = (features.mean(0) - real.mean(0)).square().sum().item()
             print(
-                f"{variant} stream {stream}: FD {fds[-1]:.3f} (mean term {mean_term:.3f}), "
+                f"- {variant} stream {stream}: FD {fds[-1]:.3f} (mean term {mean_term:.3f}), "
                 f"share {shares[-1]:.3f}",
                 flush=True,
             )

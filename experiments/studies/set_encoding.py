@@ -94,7 +94,7 @@ def main() -> None:
     seconds: dict[tuple[str, str], list[float]] = {}
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for run, variant, seed, metrics, took in pool.imap(_run, jobs):
-            print(f"{run} {variant} seed {seed}: {took:.0f} s", flush=True)
+            print(f"- {run} {variant} seed {seed}: {took:.0f} s", flush=True)
             results.setdefault((run, variant), []).append(metrics)
             seconds.setdefault((run, variant), []).append(took)
     for run in runs:
