@@ -294,8 +294,8 @@ EXPERIMENT = Experiment(
             "steps": 3000,
             "batch_size": 256,
             "sets_per_step": 8,
-            # The mean and std of the encodings, then Deep Sets' rho: the best of the set
-            # encodings compared on this run (docs/results/set-encoding.md).
+            # The mean and std of the encodings, then Deep Sets' rho: the lowest mean KL of the
+            # set encodings compared on this run (docs/results/set-encoding.md).
             "pool": "moments",
             "rho": [96, 96],
             "checkpoint_every": 500,
