@@ -9,10 +9,9 @@ Each experiment is one module of ``experiments/tasks/``, named as the experiment
 :data:`EXPERIMENTS` (:func:`experiments.experiment.discover`, which imports them all) lists them
 by name. A run imports its own experiment alone.
 
-Layout: the trainer and its policies here (``train``, ``config``,
-``experiment``, ``runs``, ``checkpoint``, ``distributed``, ``results``); the experiments in
-``tasks/``; the helpers they share in ``common/``; studies of the experiments, each with its
-results, in ``studies/``.
+Layout: the trainer and its policies here (``train``, ``config``, ``experiment``, ``runs``,
+``checkpoint``, ``distributed``, ``results``); the experiments in ``tasks/``; the helpers they
+share in ``common/``; studies of the experiments, each with its results, in ``studies/``.
 """
 
 from __future__ import annotations

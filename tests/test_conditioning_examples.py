@@ -11,9 +11,6 @@ from _examples import load_example
 pytest.importorskip("matplotlib")
 
 
-load = load_example
-
-
 @pytest.mark.parametrize(
     ("name", "argv", "plot"),
     [
@@ -27,7 +24,7 @@ load = load_example
     ],
 )
 def test_example_runs(name, argv, plot, tmp_path):
-    metrics = load(name).main([*argv, f"--out={tmp_path}"])
+    metrics = load_example(name).main([*argv, f"--out={tmp_path}"])
     assert (tmp_path / plot).stat().st_size > 10_000
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["config"]["out"] == str(tmp_path)

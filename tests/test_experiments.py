@@ -20,10 +20,10 @@ sys.path.insert(0, str(ROOT))
 
 import experiments.tasks  # noqa: E402
 from experiments import EXPERIMENTS  # noqa: E402
-from experiments import experiment as registry  # noqa: E402
 from experiments import train as trainer  # noqa: E402
 from experiments.common.data import load_mnist, read_idx  # noqa: E402
 from experiments.config import config_from_dict, config_to_dict, load, load_config, load_run  # noqa: E402
+from experiments.experiment import build_task, discover, experiment_of, registry, run_names  # noqa: E402
 
 needs_diffusers = pytest.mark.skipif(
     importlib.util.find_spec("diffusers") is None, reason="needs diffusers"
@@ -98,11 +98,11 @@ def write(tmp_path: Path, data: dict) -> Path:
 
 
 def test_every_run_loads():
-    assert sorted(registry.run_names()) == sorted(TINY)
+    assert sorted(run_names()) == sorted(TINY)
     for name in TINY:
         config = load_run(name)
         assert config.hidden_sizes == [32, 64, 96] and config.out_dir == f"runs/{name}"
-        assert registry.experiment_of(name).name == config.experiment == name.split("_")[0]
+        assert experiment_of(name).name == config.experiment == name.split("_")[0]
 
 
 def test_a_run_printed_as_json_loads_back_to_the_same_config(tmp_path, capsys):
@@ -343,7 +343,7 @@ def more_tasks(tmp_path, monkeypatch):
 def test_a_new_experiment_is_one_module(tmp_path, more_tasks):
     (more_tasks / "helper.py").write_text("X = 1\n")  # no EXPERIMENT: a helper, skipped
     (more_tasks / "line.py").write_text(LINE)
-    found = registry.discover()
+    found = discover()
     assert list(found) == [*EXPERIMENTS, "line"]
     assert found["line"].__doc__.startswith("Line: a hypernetwork reads points")  # for the docs
 
@@ -356,7 +356,7 @@ def test_a_new_experiment_is_one_module(tmp_path, more_tasks):
         config_from_dict({"experiment": "gan", "out_dir": "x"})
 
     # Built and trained by the trainer's own functions, then by its command, then tabulated.
-    task = registry.build_task(config, torch.device("cpu"))
+    task = build_task(config, torch.device("cpu"))
     hypernetwork, direct = trainer.build_models(config, task, torch.device("cpu"))
     optimizers = trainer.build_optimizers(config, hypernetwork, direct)
     generator = torch.Generator().manual_seed(0)
@@ -374,7 +374,7 @@ def test_a_new_experiment_is_one_module(tmp_path, more_tasks):
 def test_an_experiment_module_is_named_as_its_experiment_and_its_runs(more_tasks):
     (more_tasks / "lines.py").write_text(LINE)  # declares "line" in lines.py
     with pytest.raises(ValueError, match="defines experiment 'line': an experiment's module is"):
-        registry.discover()
+        discover()
     with pytest.raises(ValueError, match=r"starts with 'gmm_' .*got \['line'\]"):
         dataclasses.replace(EXPERIMENTS["gmm"], runs={"gmm": {}, "line": {}})
 
@@ -385,9 +385,9 @@ def test_registry_refuses_clashing_names():
     with pytest.raises(
         ValueError, match="run 'gmm_amortized' of experiment 'gmm_amortized' is already a run of"
     ):
-        registry.registry([gmm, amortized])
+        registry([gmm, amortized])
     with pytest.raises(ValueError, match="two experiments are named 'gmm'"):
-        registry.registry([gmm, dataclasses.replace(gmm, runs={})])
+        registry([gmm, dataclasses.replace(gmm, runs={})])
 
 
 def test_a_run_imports_its_own_experiment_alone(tmp_path):
